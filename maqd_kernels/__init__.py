@@ -1,0 +1,53 @@
+"""maqd-kernels: fused CUDA and Triton kernels for low-bit and spiking neural networks.
+
+The public API of SPEC.md: spike accumulation forwarding (``saf_*``, ``spike_trace``), MaQD
+round-clip quantization and low-bit matmul (``round_clip``, ``pack_weight``, ``lowbit_linear``,
+``quant_linear``, ...), Layer-Batch Normalization and its folding (``layer_batch_norm``,
+``lbn_inference_affine``, ``fold_affine``); modules in ``maqd_kernels.nn``. Every op is a
+``torch.library`` custom op in namespace ``maqd``; ``backends()`` says which implementations
+can run here.
+"""
+
+from . import nn
+from ._backend import BackendStatus, backends
+from .lbn import fold_affine, layer_batch_norm, lbn_inference_affine
+from .quant import (
+    PackedWeight,
+    default_scale,
+    lowbit_linear,
+    pack_weight,
+    quant_conv2d,
+    quant_linear,
+    quantize,
+    round_clip,
+    weight_standardize,
+)
+from .saf import lif_bptt, ottt_linear, ottt_neuron, saf_bias_factors, saf_linear, saf_neuron, saf_readout, spike_trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendStatus",
+    "PackedWeight",
+    "backends",
+    "default_scale",
+    "fold_affine",
+    "layer_batch_norm",
+    "lbn_inference_affine",
+    "lif_bptt",
+    "lowbit_linear",
+    "nn",
+    "ottt_linear",
+    "ottt_neuron",
+    "pack_weight",
+    "quant_conv2d",
+    "quant_linear",
+    "quantize",
+    "round_clip",
+    "saf_bias_factors",
+    "saf_linear",
+    "saf_neuron",
+    "saf_readout",
+    "spike_trace",
+    "weight_standardize",
+]

@@ -1,0 +1,135 @@
+"""Spiking modules of spike accumulation forwarding (Saiin et al., TMLR 2024; SPEC.md section 1).
+
+All take and return time-first tensors (T, B, ...). Layers pass traces (accumulated spikes), not
+spikes: SpikeTrace encodes the input, SAFLinear / SAFConv2d map traces to traces, SAFReadout
+turns the last layer's U_hat into per-step logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..saf import op
+
+Tensor = torch.Tensor
+
+
+class SpikeTrace(nn.Module):
+    """a_hat[t] = decay a_hat[t-1] + x[t]: spikes, or a static input repeated T times, into a trace."""
+
+    def __init__(self, decay: float = 0.5):
+        super().__init__()
+        self.decay = decay
+
+    def forward(self, x: Tensor, state: Tensor | None = None) -> Tensor:
+        return op.spike_trace(x, decay=self.decay, state=state)
+
+    def extra_repr(self) -> str:
+        return f"decay={self.decay}"
+
+
+class SAFNeuron(nn.Module):
+    """The SAF neuron over U_hat (T, *): returns the trace a_hat (T, *). See ``saf_neuron``."""
+
+    def __init__(
+        self,
+        decay: float = 0.5,
+        threshold: float = 1.0,
+        mode: str = "saf_e",
+        surrogate: str = "sigmoid",
+        alpha: float = 4.0,
+        spike_bits: int = 1,
+    ):
+        super().__init__()
+        self.decay, self.threshold, self.mode = decay, threshold, mode
+        self.surrogate, self.alpha, self.spike_bits = surrogate, alpha, spike_bits
+
+    def neuron_kwargs(self) -> dict:
+        return {
+            "decay": self.decay,
+            "threshold": self.threshold,
+            "mode": self.mode,
+            "surrogate": self.surrogate,
+            "alpha": self.alpha,
+            "spike_bits": self.spike_bits,
+        }
+
+    def forward(self, u_hat: Tensor, state: Tensor | None = None, step: int = 0) -> Tensor:
+        return op.saf_neuron(u_hat, state=state, step=step, **self.neuron_kwargs())
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.neuron_kwargs().items())
+
+
+class SAFLinear(SAFNeuron):
+    """Linear layer + SAF neuron: a_hat = saf_neuron(W a_in[t] + b S_t), (T, *, in) -> (T, *, out).
+    Parameters are initialised as torch.nn.Linear's."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, **neuron):
+        super().__init__(**neuron)
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        _init_like_torch(self.weight, self.bias, in_features)
+
+    def forward(self, a_in: Tensor, state: Tensor | None = None, step: int = 0) -> Tensor:
+        return op.saf_linear(a_in, self.weight, self.bias, state=state, step=step, **self.neuron_kwargs())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()
+
+
+class SAFConv2d(SAFNeuron):
+    """2-D convolution (cuDNN) + SAF neuron on traces (T, B, C_in, H, W) -> (T, B, C_out, H', W'):
+    U_hat[t] = conv(a_in[t]) + b S_t. Parameters are initialised as torch.nn.Conv2d's."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, bias: bool = True, **neuron
+    ):
+        super().__init__(**neuron)
+        kernel = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel
+        self.stride, self.padding = stride, padding
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *kernel))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        _init_like_torch(self.weight, self.bias, in_channels * kernel[0] * kernel[1])
+
+    def forward(self, a_in: Tensor, state: Tensor | None = None, step: int = 0) -> Tensor:
+        steps, batch = a_in.shape[:2]
+        u_hat = F.conv2d(a_in.flatten(0, 1), self.weight, None, self.stride, self.padding).unflatten(0, (steps, batch))
+        if self.bias is not None:
+            factors = op.saf_bias_factors(u_hat, decay=self.decay, step=step).to(u_hat.dtype)
+            u_hat = u_hat + self.bias.view(-1, 1, 1) * factors.view(-1, 1, 1, 1, 1)
+        return op.saf_neuron(u_hat, state=state, step=step, **self.neuron_kwargs())
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, " + super().extra_repr()
+        )
+
+
+class SAFReadout(nn.Module):
+    """o[t] = U_hat[t] - decay U_hat[t-1] (= W s[t] + b): the classifier output of the last layer."""
+
+    def __init__(self, decay: float = 0.5):
+        super().__init__()
+        self.decay = decay
+
+    def forward(self, u_hat: Tensor, state: Tensor | None = None) -> Tensor:
+        return op.saf_readout(u_hat, decay=self.decay, state=state)
+
+    def extra_repr(self) -> str:
+        return f"decay={self.decay}"
+
+
+def _init_like_torch(weight: nn.Parameter, bias: nn.Parameter | None, fan_in: int) -> None:
+    """torch.nn.Linear / Conv2d's default initialisation."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    if bias is not None:
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+        nn.init.uniform_(bias, -bound, bound)
