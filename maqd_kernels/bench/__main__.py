@@ -1,0 +1,14 @@
+"""python -m maqd_kernels.bench: validate every kernel available here against the reference."""
+
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    # Before Triton is imported: with no GPU its kernels run in the interpreter.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from .cli import main  # noqa: E402
+
+sys.exit(main())
