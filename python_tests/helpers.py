@@ -1,0 +1,48 @@
+"""What several test files share: which kernels can run here, and how spikes are compared."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from maqd_kernels import _backend
+from maqd_kernels.bench.validation import count_mismatches, launcher
+
+HAS_GPU = torch.cuda.is_available()
+requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def kernel_targets() -> list:
+    """(backend, device) pairs whose kernels run here, as pytest params; the CUDA kernels' host
+    entry points ("cuda-host") run their math on the CPU. Absent ones are kept as skips."""
+    has_c = _backend.cuda_extension() is not None
+    has_triton = _backend.triton_module() is not None
+    interpreter = os.environ.get("TRITON_INTERPRET") == "1"
+    targets = [
+        pytest.param("cuda-host", "cpu", marks=pytest.mark.skipif(not has_c, reason="maqd_kernels._C not built")),
+        pytest.param(
+            "triton",
+            "cpu",
+            marks=pytest.mark.skipif(not (has_triton and interpreter), reason="needs triton and TRITON_INTERPRET=1"),
+        ),
+        pytest.param("cuda", "cuda", marks=[requires_gpu, pytest.mark.skipif(not has_c, reason="_C not built")]),
+        pytest.param("triton", "cuda", marks=[requires_gpu, pytest.mark.skipif(not has_triton, reason="no triton")]),
+    ]
+    return targets
+
+
+def saf_forward(backend: str, *args):
+    """The SAF neuron forward of `backend` ("reference", "cuda", "triton" or "cuda-host")."""
+    return launcher("saf_neuron_forward", backend)(*args)
+
+
+def assert_equal_except_ties(actual: torch.Tensor, expected: torch.Tensor, near: torch.Tensor, max_ties: float = 0.1):
+    """Exact equality of time-first tensors on every neuron that never comes near a tie."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    assert near.float().mean() <= max_ties, "too many near-ties for a meaningful comparison"
+    compared, mismatches = count_mismatches(actual, expected, near)
+    assert mismatches == 0, f"{mismatches} of {compared} values differ"
