@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -24,6 +25,12 @@ def test_validation_covers_every_kernel_and_passes():
 
 
 def test_main_job_prints_a_table_and_exits_zero():
-    result = subprocess.run([sys.executable, "-m", "maqd_kernels.bench"], capture_output=True, text=True, timeout=900)
+    """Run as the README runs it, from the checkout: it must see the same build as the tests."""
+    checkout = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "maqd_kernels.bench"], capture_output=True, text=True, timeout=900, cwd=checkout
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "saf_neuron_forward" in result.stdout and "validations passed" in result.stdout
+    if _backend.cuda_extension() is not None:
+        assert "cuda-host" in result.stdout or "cuda " in result.stdout, result.stdout
