@@ -151,17 +151,25 @@ class NinjaNvccBuild(build_ext):
 
 
 def extensions() -> list[Extension]:
+    # The build backend runs this file once to ask what to install and again to build; say why _C
+    # is skipped only on the run that builds.
+    building = any(
+        command in sys.argv for command in ("bdist_wheel", "editable_wheel", "build_ext", "build", "develop")
+    )
+    reason = None
     if os.environ.get("MAQD_SKIP_CUDA_BUILD", "0") == "1":
-        print("maqd_kernels: MAQD_SKIP_CUDA_BUILD=1, installing the pure-Python package (no _C)", file=sys.stderr)
-        return []
-    if find_nvcc() is None:
+        reason = "MAQD_SKIP_CUDA_BUILD=1"
+    elif find_nvcc() is None:
+        reason = "nvcc not found"
+    if reason is None:
+        return [Extension("maqd_kernels._C", sources=[])]
+    if building:
         print(
-            "maqd_kernels: nvcc not found, installing the pure-Python package (no _C); "
+            f"maqd_kernels: {reason}, installing the pure-Python package without _C; "
             "the reference and Triton backends still work",
             file=sys.stderr,
         )
-        return []
-    return [Extension("maqd_kernels._C", sources=[])]
+    return []
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": NinjaNvccBuild})
