@@ -131,3 +131,19 @@ def test_float64_is_refused_by_kernel_backends():
         if _backend.triton_module() is None:
             pytest.skip("needs triton")
         mk.saf_neuron(u.double(), backend="triton")
+
+
+def test_empty_inputs_work():
+    """Empty batches and sequences pass through every op and its backward, changing no statistics."""
+    empty = torch.empty(0, 3, 5, requires_grad=True)
+    for out in (mk.saf_neuron(empty), mk.spike_trace(empty), mk.saf_readout(empty), mk.lif_bptt(empty)):
+        assert out.shape == (0, 3, 5)
+        out.sum().backward()
+    assert mk.saf_linear(torch.empty(3, 0, 5), w, torch.randn(6)).shape == (3, 0, 6)
+    assert mk.round_clip(torch.empty(0), 4, 1.0, signed=True).shape == (0,)
+    assert mk.lowbit_linear(torch.empty(0, 5), packed, act_bits=4, out_bits=4).shape == (0, 6)
+    assert mk.quant_conv2d(torch.empty(0, 3, 5, 5), torch.randn(4, 3, 3, 3), weight_bits=2).shape == (0, 4, 3, 3)
+    running_mean, running_var = torch.zeros(1), torch.ones(1)
+    y = mk.layer_batch_norm(empty, None, None, running_mean, running_var, training=True)
+    y.sum().backward()
+    assert y.shape == (0, 3, 5) and running_mean.item() == 0.0 and running_var.item() == 1.0

@@ -19,7 +19,10 @@ def _cases():
     packed = mk.pack_weight(torch.randn(5, 11), 3)
     scale, state = torch.tensor(0.7), torch.rand(3, 4)
     return {
-        "saf_neuron": [(_r(4, 3, 4, grad=True), None) + neuron, (_r(3, 3, 4, grad=True) + 1, state) + neuron_f],
+        "saf_neuron": [
+            (_r(4, 3, 4, grad=True), None) + neuron,
+            ((torch.randn(3, 3, 4) + 1).requires_grad_(True), state) + neuron_f,
+        ],
         "saf_neuron_backward": [(_r(4, 3, 4), torch.tensor(0.5), _r(4, 3, 4), state) + neuron_f],
         "spike_trace": [(_r(5, 2, 3, grad=True), None, 0.5, None), (_r(2, 3, 4, grad=True), state, 0.8, None)],
         "saf_readout": [(_r(5, 2, 3, grad=True), None, 0.5, None), (_r(2, 3, 4, grad=True), state, 0.8, None)],

@@ -18,7 +18,7 @@ Tensor = torch.Tensor
 def _grouped(x: Tensor, groups: int) -> Tensor:
     """x (N, C, *) in the compute dtype, viewed as (N, G, C/G, spatial)."""
     n, c = x.shape[:2]
-    return x.to(compute_dtype(x.dtype)).reshape(n, groups, c // groups, -1)
+    return x.to(compute_dtype(x.dtype)).reshape(n, groups, c // groups, x.shape[2:].numel())
 
 
 def _per_channel(v: Tensor | None, groups: int, channels: int, default: float, like: Tensor) -> Tensor:
@@ -58,9 +58,11 @@ def layer_batch_norm_forward(
     new_mean, new_var = x.new_empty(0, dtype=cdt), x.new_empty(0, dtype=cdt)
     if training:
         mean = xg.mean(dim=(0, 2, 3))
-        var = xg.var(dim=(0, 2, 3), unbiased=False)
-        if running_mean is not None:
-            n = group_size(x.shape, groups)
+        var = (xg - mean.view(1, -1, 1, 1)).square().mean(dim=(0, 2, 3))
+        n = group_size(x.shape, groups)
+        if running_mean is not None and n == 0:  # an empty batch leaves them as they were, as in BatchNorm
+            new_mean, new_var = running_mean.clone(), running_var.clone()
+        elif running_mean is not None:
             stats = running_mean.dtype
             new_mean = ((1 - momentum) * running_mean.to(cdt) + momentum * mean).to(stats)
             new_var = ((1 - momentum) * running_var.to(cdt) + momentum * var * (n / (n - 1))).to(stats)
