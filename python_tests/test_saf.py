@@ -86,35 +86,16 @@ def test_multibit_spikes_are_clipped_floor_levels():
 def test_saf_neuron_gradients_match_float64_derivation(mode, surrogate, spike_bits):
     u = _u_hat((5, 4, 6)) * spike_bits
     state = torch.rand(4, 6)
-    step = 3
-    u_op = u.clone().requires_grad_(True)
-    trace, count = mk.saf_neuron(
-        u_op,
-        decay=0.5,
-        threshold=0.8,
-        mode=mode,
-        surrogate=surrogate,
-        alpha=3.0,
-        spike_bits=spike_bits,
-        state=state,
-        step=step,
-        return_spike_count=True,
+    kwargs = dict(
+        decay=0.5, threshold=0.8, mode=mode, surrogate=surrogate, alpha=3.0, spike_bits=spike_bits, state=state, step=3
     )
+    u_op = u.clone().requires_grad_(True)
+    trace, count = mk.saf_neuron(u_op, return_spike_count=True, **kwargs)
     weights = torch.randn_like(trace)
     ((trace * weights).sum() + 0.3 * count).backward()
 
     u_ref = u.double().requires_grad_(True)
-    expected, expected_count = derivations.saf_neuron(
-        u_ref,
-        decay=0.5,
-        threshold=0.8,
-        mode=mode,
-        surrogate=surrogate,
-        alpha=3.0,
-        spike_bits=spike_bits,
-        state=state,
-        step=step,
-    )
+    expected, expected_count = derivations.saf_neuron(u_ref, **kwargs)
     ((expected * weights.double()).sum() + 0.3 * expected_count).backward()
     near = near_tie_neurons(u, state, 0.5, 0.8, spike_bits)
     torch.testing.assert_close(u_op.grad[:, ~near].double(), u_ref.grad[:, ~near], rtol=1e-5, atol=1e-6)

@@ -126,30 +126,12 @@ def validate(
                 shape = "x".join(map(str, args[0].shape))
                 try:
                     compared, mismatches, excused = compare(kernel(*args), reference(*args))
-                    results.append(
-                        Result(
-                            op,
-                            backend,
-                            device.type,
-                            str(dtype).removeprefix("torch."),
-                            shape,
-                            compared,
-                            mismatches,
-                            excused,
-                        )
-                    )
+                    detail = ""
                 except Exception as error:  # a crashing kernel is a failed validation, not a crashed report
-                    results.append(
-                        Result(
-                            op,
-                            backend,
-                            device.type,
-                            str(dtype).removeprefix("torch."),
-                            shape,
-                            0,
-                            0,
-                            0,
-                            f"{type(error).__name__}: {error}",
-                        )
-                    )
+                    compared = mismatches = excused = 0
+                    detail = f"{type(error).__name__}: {error}"
+                dtype_name = str(dtype).removeprefix("torch.")
+                results.append(
+                    Result(op, backend, device.type, dtype_name, shape, compared, mismatches, excused, detail)
+                )
     return results
