@@ -2,7 +2,7 @@
 
 from .lbn import LayerBatchNorm
 from .quant import QuantAct, QuantConv2d, QuantLinear
-from .saf import SAFConv2d, SAFLinear, SAFNeuron, SAFReadout, SpikeTrace
+from .saf import SAFConv2d, SAFLinear, SAFNeuron, SAFReadout, SpikeTrace, saf_f_last_step
 
 __all__ = [
     "LayerBatchNorm",
@@ -14,4 +14,5 @@ __all__ = [
     "SAFNeuron",
     "SAFReadout",
     "SpikeTrace",
+    "saf_f_last_step",
 ]

@@ -133,3 +133,54 @@ def _init_like_torch(weight: nn.Parameter, bias: nn.Parameter | None, fan_in: in
     if bias is not None:
         bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
         nn.init.uniform_(bias, -bound, bound)
+
+
+def _carry(module: nn.Module, x: Tensor, out: Tensor) -> Tensor | None:
+    """The state that `module` hands to its next chunk of steps (None for stateless modules), copied
+    so that it does not keep the whole chunk's output alive."""
+    if isinstance(module, (SpikeTrace, SAFNeuron)):
+        return out[-1].clone()
+    if isinstance(module, SAFReadout):
+        return x[-1].clone()
+    return None
+
+
+def _stream(network: nn.Sequential, x: Tensor, states: list[Tensor | None], step: int) -> Tensor:
+    """Runs `network` over steps step .. step + len(x) - 1, reading and updating each layer's state."""
+    for index, module in enumerate(network):
+        if isinstance(module, SAFNeuron):
+            out = module(x, state=states[index], step=step)
+        elif isinstance(module, (SpikeTrace, SAFReadout)):
+            out = module(x, state=states[index])
+        else:
+            out = module(x)
+        states[index] = _carry(module, x, out)
+        x = out
+    return x
+
+
+def saf_f_last_step(network: nn.Sequential, inputs: Tensor) -> Tensor:
+    """Runs a SAF-F network over `inputs` (T, B, ...) and returns its output at the last step,
+    (1, B, ...), with the autograd graph of that step only.
+
+    SAF-F's gradient (Saiin et al., TMLR 2024, Spike Representation) flows from a loss on the last
+    step through U_hat[T-1] = W a_hat_in[T-1] + b S_{T-1} alone, so steps 0 .. T-2 run without
+    autograd, carrying each layer's trace forward as streaming state: training memory is that of a
+    single step whatever T is. The output and the gradients equal those of running the whole
+    sequence with autograd and a loss on the last step.
+
+    `network` is an nn.Sequential of SpikeTrace / SAFNeuron / SAFLinear / SAFConv2d / SAFReadout
+    modules (all SAF neurons in mode "saf_f") and stateless per-step modules (Flatten, pooling,
+    dropout in eval mode, ...), all taking time-first tensors.
+    """
+    saf_e = [name for name, m in network.named_modules() if isinstance(m, SAFNeuron) and m.mode != "saf_f"]
+    if saf_e:
+        raise ValueError(f"saf_f_last_step needs every SAF neuron in mode 'saf_f'; saf_e in: {', '.join(saf_e)}")
+    if inputs.dim() < 1 or inputs.shape[0] == 0:
+        raise ValueError(f"inputs must be time-first (T, ...) with T >= 1; got shape {tuple(inputs.shape)}")
+    states: list[Tensor | None] = [None] * len(network)
+    steps = inputs.shape[0]
+    if steps > 1:
+        with torch.no_grad():
+            _stream(network, inputs[:-1], states, 0)
+    return _stream(network, inputs[-1:], states, steps - 1)
