@@ -35,10 +35,41 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_runtime_version", &maqd::cuda_runtime_version);
 
   m.def("saf_neuron_forward_cuda", &maqd::saf_neuron_forward_cuda, py::arg("u_hat"), py::arg("trace_out"),
-        py::arg("state"), py::arg("spike_count"), py::arg("steps"), py::arg("neurons"), py::arg("dtype"),
-        py::arg("decay"), py::arg("threshold"), py::arg("spike_bits"), py::arg("stream"));
+        py::arg("state"), py::arg("upper"), py::arg("grad_mask"), py::arg("spike_count"), py::arg("steps"),
+        py::arg("neurons"), py::arg("dtype"), py::arg("decay"), py::arg("threshold"), py::arg("spike_bits"),
+        py::arg("stream"));
   m.def("saf_neuron_forward_host", &maqd::saf_neuron_forward_host, py::arg("u_hat"), py::arg("trace_out"),
-        py::arg("state"), py::arg("spike_count"), py::arg("steps"), py::arg("neurons"), py::arg("dtype"),
-        py::arg("decay"), py::arg("threshold"), py::arg("spike_bits"),
+        py::arg("state"), py::arg("upper"), py::arg("grad_mask"), py::arg("spike_count"), py::arg("steps"),
+        py::arg("neurons"), py::arg("dtype"), py::arg("decay"), py::arg("threshold"), py::arg("spike_bits"),
+        py::call_guard<py::gil_scoped_release>());
+
+  m.def("saf_e_backward_cuda", &maqd::saf_e_backward_cuda, py::arg("grad_trace"), py::arg("grad_count"),
+        py::arg("u_hat"), py::arg("state"), py::arg("grad_out"), py::arg("steps"), py::arg("neurons"),
+        py::arg("dtype"), py::arg("decay"), py::arg("threshold"), py::arg("spike_bits"), py::arg("surrogate"),
+        py::arg("alpha"), py::arg("half_width"), py::arg("stream"));
+  m.def("saf_e_backward_host", &maqd::saf_e_backward_host, py::arg("grad_trace"), py::arg("grad_count"),
+        py::arg("u_hat"), py::arg("state"), py::arg("grad_out"), py::arg("steps"), py::arg("neurons"),
+        py::arg("dtype"), py::arg("decay"), py::arg("threshold"), py::arg("spike_bits"), py::arg("surrogate"),
+        py::arg("alpha"), py::arg("half_width"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("saf_f_backward_cuda", &maqd::saf_f_backward_cuda, py::arg("grad_trace"), py::arg("grad_count"),
+        py::arg("grad_mask"), py::arg("grad_out"), py::arg("steps"), py::arg("neurons"), py::arg("dtype"),
+        py::arg("threshold"), py::arg("stream"));
+  m.def("saf_f_backward_host", &maqd::saf_f_backward_host, py::arg("grad_trace"), py::arg("grad_count"),
+        py::arg("grad_mask"), py::arg("grad_out"), py::arg("steps"), py::arg("neurons"), py::arg("dtype"),
+        py::arg("threshold"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("spike_trace_forward_cuda", &maqd::spike_trace_forward_cuda, py::arg("x"), py::arg("trace_out"),
+        py::arg("state"), py::arg("steps"), py::arg("neurons"), py::arg("dtype"), py::arg("decay"),
+        py::arg("stream"));
+  m.def("spike_trace_forward_host", &maqd::spike_trace_forward_host, py::arg("x"), py::arg("trace_out"),
+        py::arg("state"), py::arg("steps"), py::arg("neurons"), py::arg("dtype"), py::arg("decay"),
+        py::call_guard<py::gil_scoped_release>());
+
+  m.def("saf_readout_forward_cuda", &maqd::saf_readout_forward_cuda, py::arg("u_hat"), py::arg("out"),
+        py::arg("state"), py::arg("steps"), py::arg("neurons"), py::arg("dtype"), py::arg("decay"),
+        py::arg("stream"));
+  m.def("saf_readout_forward_host", &maqd::saf_readout_forward_host, py::arg("u_hat"), py::arg("out"),
+        py::arg("state"), py::arg("steps"), py::arg("neurons"), py::arg("dtype"), py::arg("decay"),
         py::call_guard<py::gil_scoped_release>());
 }

@@ -16,14 +16,20 @@ def _r(*shape, grad=False, dtype=torch.float32):
 def _cases():
     neuron = (0.5, 1.0, "saf_e", "sigmoid", 4.0, 1, 0, None)
     neuron_f = (0.7, 0.9, "saf_f", "rectangle", 2.0, 2, 3, None)
+    backward_e, backward_f = (0.5, 1.0, "saf_e", "s2nn", 4.0, 2, None), (0.7, 0.9, "saf_f", "sigmoid", 4.0, 1, None)
+    mask = torch.randint(-(2**31), 2**31 - 1, (4, 1), dtype=torch.int32)
     packed = mk.pack_weight(torch.randn(5, 11), 3)
     scale, state = torch.tensor(0.7), torch.rand(3, 4)
     return {
         "saf_neuron": [
-            (_r(4, 3, 4, grad=True), None) + neuron,
-            ((torch.randn(3, 3, 4) + 1).requires_grad_(True), state) + neuron_f,
+            (_r(4, 3, 4, grad=True), None) + neuron[:-1] + (False, None),
+            ((torch.randn(3, 3, 4) + 1).requires_grad_(True), state) + neuron_f[:-1] + (True, None),
+            ((torch.randn(3, 3, 4) + 1), state) + neuron_f[:-1] + (False, None),
         ],
-        "saf_neuron_backward": [(_r(4, 3, 4), torch.tensor(0.5), _r(4, 3, 4), state) + neuron_f],
+        "saf_neuron_backward": [
+            (_r(4, 3, 4), torch.tensor(0.5), _r(4, 3, 4), None, state) + backward_e,
+            (_r(4, 3, 4), torch.tensor(0.5), None, mask, None) + backward_f,
+        ],
         "spike_trace": [(_r(5, 2, 3, grad=True), None, 0.5, None), (_r(2, 3, 4, grad=True), state, 0.8, None)],
         "saf_readout": [(_r(5, 2, 3, grad=True), None, 0.5, None), (_r(2, 3, 4, grad=True), state, 0.8, None)],
         "saf_linear": [

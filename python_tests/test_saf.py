@@ -10,7 +10,7 @@ from maqd_kernels.bench.validation import near_tie_neurons
 from maqd_kernels.saf import reference
 
 import derivations
-from helpers import KERNEL_DTYPES, LOW_PRECISION, assert_equal_except_ties, kernel_targets, saf_forward
+from helpers import LOW_PRECISION, assert_equal_except_ties
 
 SHAPES = [(1, 1), (2, 3), (5, 7, 3), (32, 33)]
 
@@ -172,28 +172,6 @@ def test_bias_factors_follow_the_float32_recurrence():
 # ----------------------------------------------------------------------------- streaming
 
 
-@pytest.mark.parametrize("mode", ["saf_e", "saf_f"])
-@pytest.mark.parametrize("spike_bits", [1, 2])
-def test_streaming_one_step_at_a_time_equals_multistep(mode, spike_bits):
-    kwargs = dict(decay=0.7, threshold=0.9, mode=mode, spike_bits=spike_bits)
-    u = _u_hat((8, 3, 5)) * spike_bits
-    u_full = u.clone().requires_grad_(True)
-    trace = mk.saf_neuron(u_full, **kwargs)
-    g = torch.randn_like(trace)
-    (trace * g).sum().backward()
-
-    state, steps, grads = None, [], []
-    for t in range(u.shape[0]):
-        u_t = u[t : t + 1].clone().requires_grad_(True)
-        out = mk.saf_neuron(u_t, state=state, step=t, **kwargs)
-        (out * g[t : t + 1]).sum().backward()
-        steps.append(out.detach())
-        grads.append(u_t.grad)
-        state = out[-1].detach()
-    assert torch.equal(torch.cat(steps), trace.detach())
-    assert torch.equal(torch.cat(grads), u_full.grad)
-
-
 def test_streaming_saf_linear_trace_and_readout():
     a_in = torch.rand(6, 2, 5)
     weight, bias = torch.randn(3, 5), torch.randn(3)
@@ -318,61 +296,3 @@ def test_saf_e_weight_gradients_equal_ottt_theorem_1():
     for layer in range(3):
         assert saf_w[layer].grad.abs().sum() > 0
         torch.testing.assert_close(saf_w[layer].grad, ottt_w[layer].grad, rtol=1e-10, atol=1e-12)
-
-
-# ----------------------------------------------------------------------------- kernels vs reference
-
-
-@pytest.mark.parametrize("backend,device", kernel_targets())
-@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-@pytest.mark.parametrize("steps", [1, 2, 5, 32])
-@pytest.mark.parametrize("spike_bits", [1, 2, 4])
-def test_saf_neuron_forward_kernels_equal_reference(backend, device, dtype, steps, spike_bits):
-    shape = (steps, 3, 37) if steps < 32 else (steps, 2, 129)
-    u = _u_hat(shape, dtype, device) * spike_bits
-    for state in (None, torch.rand(shape[1:], device=device) * 2):
-        trace, count = saf_forward(backend, u, state, 0.7, 0.85, spike_bits)
-        expected, expected_count = reference.saf_neuron_forward(u, state, 0.7, 0.85, spike_bits)
-        near = near_tie_neurons(u.cpu(), None if state is None else state.cpu(), 0.7, 0.85, spike_bits)
-        assert_equal_except_ties(trace.cpu(), expected.cpu(), near)
-        if not near.any():
-            assert count.item() == expected_count.item()
-        assert trace.device == u.device and count.dtype == torch.float32
-
-
-@pytest.mark.parametrize("backend,device", kernel_targets())
-def test_saf_neuron_kernels_take_empty_and_strided_inputs(backend, device):
-    empty = torch.empty(0, 4, device=device)
-    trace, count = saf_forward(backend, empty, None, 0.5, 1.0, 1)
-    assert trace.shape == (0, 4) and count.item() == 0
-    trace, count = saf_forward(backend, torch.empty(3, 0, 5, device=device), None, 0.5, 1.0, 1)
-    assert trace.shape == (3, 0, 5) and count.item() == 0
-    strided = _u_hat((9, 8), device=device)[:, ::2].t()  # (4, 9), not contiguous
-    trace, _ = saf_forward(backend, strided, None, 0.5, 1.0, 1)
-    expected, _ = reference.saf_neuron_forward(strided.contiguous(), None, 0.5, 1.0, 1)
-    assert torch.equal(trace.cpu(), expected.cpu())
-
-
-@pytest.mark.parametrize("backend,device", kernel_targets())
-def test_saf_neuron_op_dispatches_to_kernel(backend, device):
-    """The public op runs the chosen backend's forward kernel; training on a backend whose backward
-    kernel does not exist yet fails before anything runs, naming the backward."""
-    if backend == "cuda-host":
-        pytest.skip("host entry points are reached through the launchers, not the op")
-    u = _u_hat((4, 2, 8), device=device)
-    trace, count = mk.saf_neuron(u, backend=backend, return_spike_count=True)
-    expected, expected_count = mk.saf_neuron(u, backend="reference", return_spike_count=True)
-    assert torch.equal(trace, expected) and count.item() == expected_count.item()
-    with pytest.raises(ValueError, match="saf_neuron_backward has no"):
-        mk.saf_neuron(u.requires_grad_(True), backend=backend)
-
-
-@pytest.mark.parametrize("backend,device", kernel_targets())
-def test_default_backend_trains_with_the_fast_forward(backend, device):
-    if backend == "cuda-host" or device == "cpu":
-        pytest.skip("the default backend on a CPU tensor is the reference")
-    u = _u_hat((4, 2, 8), device=device).requires_grad_(True)
-    mk.saf_neuron(u).sum().backward()
-    u_ref = u.detach().cpu().requires_grad_(True)
-    mk.saf_neuron(u_ref).sum().backward()
-    torch.testing.assert_close(u.grad.cpu(), u_ref.grad)

@@ -42,7 +42,7 @@ def near_tie_neurons(
     """Neurons (u_hat.shape[1:]) whose membrane comes within `tol` (relative) of a spike threshold at
     some step: there two correct float32 implementations may round to different spikes."""
     u = u_hat.double().cpu()
-    traces, _ = saf_reference.saf_neuron_forward(
+    traces, _, _ = saf_reference.saf_neuron_forward(
         u_hat.float().cpu(), None if state is None else state.cpu(), decay, threshold, spike_bits
     )
     previous = torch.zeros_like(u[0]) if state is None else state.double().cpu().expand_as(u[0])
@@ -63,12 +63,105 @@ def count_mismatches(actual: Tensor, expected: Tensor, excused: Tensor) -> tuple
     return a.numel(), int(differ.sum())
 
 
+def count_far(actual: Tensor, expected: Tensor, rtol: float, excused: Tensor | None = None) -> tuple[int, int]:
+    """(values compared, values further apart than rtol times expected's largest magnitude) of two
+    tensors; with `excused`, time-first tensors whose excused neurons are skipped."""
+    a, e = actual.cpu().float(), expected.cpu().float()
+    if excused is not None:
+        a, e = a[:, ~excused.cpu()], e[:, ~excused.cpu()]
+    scale = e.abs().max().item() if e.numel() else 0.0
+    return a.numel(), int(((a - e).abs() > rtol * scale).sum())
+
+
+# Gradients differ from the reference by float32 rounding (expf, summation order) and, in bf16 and
+# fp16, by one rounding of dL/dU_hat to the storage dtype.
+GRADIENT_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2**-6, torch.float16: 2**-9}
+DECAY, THRESHOLD = 0.7, 0.85
+
+
+def _u_hat(shape: tuple[int, ...], spike_bits: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    return ((torch.randn(shape, dtype=torch.float64) * 1.5 + 0.6) * spike_bits).to(dtype).to(device)
+
+
 def _saf_neuron_forward_cases(device: torch.device, dtype: torch.dtype) -> Iterator[tuple[tuple, Callable]]:
     for steps, neurons, spike_bits in ((1, 257, 1), (5, 130, 2), (16, 67, 4)):
-        u_hat = ((torch.randn(steps, neurons, dtype=torch.float64) * 1.5 + 0.6) * spike_bits).to(dtype).to(device)
+        u_hat = _u_hat((steps, neurons), spike_bits, device, dtype)
         state = torch.rand(neurons, device=device) * 2
-        args = (u_hat, state, 0.7, 0.85, spike_bits)
-        near = near_tie_neurons(u_hat, state, 0.7, 0.85, spike_bits)
+        args = (u_hat, state, DECAY, THRESHOLD, spike_bits, 2, True)
+        near = near_tie_neurons(u_hat, state, DECAY, THRESHOLD, spike_bits)
+
+        def compare(got, want, near=near, shape=u_hat.shape):
+            compared, mismatches = count_mismatches(got[0], want[0], near)
+            inside = [saf_reference.unpack_bits(mask.cpu(), shape) for mask in (got[2], want[2])]
+            mask_compared, mask_mismatches = count_mismatches(*inside, near)
+            if not near.any() and got[1].item() != want[1].item():
+                mismatches += 1
+            return compared + mask_compared, mismatches + mask_mismatches, int(near.sum())
+
+        yield args, compare
+
+
+def _saf_neuron_backward_cases(device: torch.device, dtype: torch.dtype) -> Iterator[tuple[tuple, Callable]]:
+    for steps, neurons, spike_bits, mode, surrogate in (
+        (4, 129, 1, "saf_e", "sigmoid"),
+        (7, 67, 2, "saf_e", "s2nn"),
+        (5, 100, 1, "saf_e", "rectangle"),
+        (9, 257, 3, "saf_f", "sigmoid"),
+    ):
+        u_hat = _u_hat((steps, neurons), spike_bits, device, dtype)
+        state = torch.rand(neurons, device=device) * 2
+        mask = saf_reference.saf_neuron_forward(u_hat, state, DECAY, THRESHOLD, spike_bits, 1, True)[2]
+        saved = (u_hat, None, state) if mode == "saf_e" else (None, mask, None)
+        grad_trace = torch.randn(u_hat.shape, device=device).to(dtype)
+        args = (
+            grad_trace,
+            torch.tensor(0.25, device=device),
+            *saved,
+            DECAY,
+            THRESHOLD,
+            mode,
+            surrogate,
+            3.0,
+            spike_bits,
+        )
+        near = near_tie_neurons(u_hat, state, DECAY, THRESHOLD, spike_bits)
+
+        def compare(got, want, near=near):
+            return (*count_far(got, want, GRADIENT_RTOL[dtype], near), int(near.sum()))
+
+        yield args, compare
+
+
+def _exact_cases(device: torch.device, dtype: torch.dtype) -> Iterator[tuple[tuple, Callable]]:
+    """spike_trace and saf_readout: no thresholds, so every value must agree bit for bit."""
+    for shape, with_state in (((1, 300), False), ((6, 3, 41), True), ((33, 70), True)):
+        x = _u_hat(shape, 1, device, dtype)
+        state = torch.rand(shape[1:], device=device) if with_state else None
+        nothing = torch.zeros(shape[1:], dtype=torch.bool)
+
+        def compare(got, want, nothing=nothing):
+            return (*count_mismatches(got, want, nothing), 0)
+
+        yield (x, state, DECAY), compare
+
+
+def _saf_linear_inputs(steps, batch, inputs, features, device, dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    a_in = (torch.rand(steps, batch, inputs) * 2).to(dtype).to(device)
+    weight = (torch.randn(features, inputs) * 1.5 / inputs**0.5).to(dtype).to(device)
+    bias = (torch.randn(features) * 0.5 + 0.3).to(dtype).to(device)
+    return a_in, weight, bias, torch.rand(batch, features, device=device)
+
+
+def _linear_near(a_in: Tensor, weight: Tensor, bias: Tensor, state: Tensor, step: int) -> Tensor:
+    """Output neurons near a tie: the kernels' matmuls sum in another order than the reference's."""
+    u_hat = saf_reference._linear_u_hat(a_in.cpu(), weight.cpu(), bias.cpu(), DECAY, step)
+    return near_tie_neurons(u_hat, state.cpu(), DECAY, THRESHOLD, 1, tol=2e-5)
+
+
+def _saf_linear_forward_cases(device: torch.device, dtype: torch.dtype) -> Iterator[tuple[tuple, Callable]]:
+    for steps, batch, inputs, features in ((1, 5, 33, 17), (6, 9, 70, 40)):
+        a_in, weight, bias, state = _saf_linear_inputs(steps, batch, inputs, features, device, dtype)
+        near = _linear_near(a_in, weight, bias, state, 3)
 
         def compare(got, want, near=near):
             compared, mismatches = count_mismatches(got[0], want[0], near)
@@ -76,11 +169,33 @@ def _saf_neuron_forward_cases(device: torch.device, dtype: torch.dtype) -> Itera
                 mismatches += 1
             return compared, mismatches, int(near.sum())
 
+        yield (a_in, weight, bias, state, DECAY, THRESHOLD, 1, 3), compare
+
+
+def _saf_linear_backward_cases(device: torch.device, dtype: torch.dtype) -> Iterator[tuple[tuple, Callable]]:
+    for steps, batch, inputs, features, mode in ((3, 5, 33, 17, "saf_e"), (6, 9, 70, 40, "saf_f")):
+        a_in, weight, bias, state = _saf_linear_inputs(steps, batch, inputs, features, device, dtype)
+        near = _linear_near(a_in, weight, bias, state, 0)
+        # No upstream gradient at neurons near a tie, where a moved spike would change every weight
+        # gradient it feeds; the spike count's gradient would reach them, so it is zero here.
+        grad_trace = torch.randn(steps, batch, features).masked_fill(near, 0.0).to(dtype).to(device)
+        args = (grad_trace, torch.tensor(0.0, device=device), a_in, weight, bias, state, DECAY, THRESHOLD)
+        args += (mode, "sigmoid", 4.0, 1, 0)
+
+        def compare(got, want, excused=int(near.sum())):
+            results = [count_far(g, w, GRADIENT_RTOL[dtype]) for g, w in zip(got, want)]
+            return sum(r[0] for r in results), sum(r[1] for r in results), excused
+
         yield args, compare
 
 
 CASES: dict[str, Callable[[torch.device, torch.dtype], Iterator[tuple[tuple, Callable]]]] = {
     "saf_neuron_forward": _saf_neuron_forward_cases,
+    "saf_neuron_backward": _saf_neuron_backward_cases,
+    "spike_trace_forward": _exact_cases,
+    "saf_readout_forward": _exact_cases,
+    "saf_linear_forward": _saf_linear_forward_cases,
+    "saf_linear_backward": _saf_linear_backward_cases,
 }
 
 

@@ -7,11 +7,16 @@ which has no GPU, tests the CUDA math through them.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._backend import FLOAT_DTYPE_CODES, cuda_extension
+from . import reference
 
 Tensor = torch.Tensor
+
+# Surrogate codes shared with csrc/saf.cuh (Surrogate).
 
 
 def _extension():
@@ -21,24 +26,75 @@ def _extension():
     return ext
 
 
-def _saf_neuron_forward(
-    u_hat: Tensor, state: Tensor | None, decay: float, threshold: float, spike_bits: int, on_host: bool
-) -> tuple[Tensor, Tensor]:
-    if u_hat.dtype not in FLOAT_DTYPE_CODES:
-        raise TypeError(f"u_hat: the cuda kernels take float32, bfloat16 or float16, got {u_hat.dtype}")
+def _check(name: str, tensor: Tensor, on_host: bool) -> None:
+    if tensor.dtype not in FLOAT_DTYPE_CODES:
+        raise TypeError(f"{name}: the cuda kernels take float32, bfloat16 or float16, got {tensor.dtype}")
     expected = "cpu" if on_host else "cuda"
-    if u_hat.device.type != expected:
-        raise ValueError(f"u_hat must be a {expected} tensor here, got one on {u_hat.device}")
+    if tensor.device.type != expected:
+        raise ValueError(f"{name} must be a {expected} tensor here, got one on {tensor.device}")
+
+
+def _neurons(x: Tensor) -> int:
+    return math.prod(x.shape[1:])
+
+
+def _words(neurons: int) -> int:
+    return -(-neurons // reference.WORD_BITS)
+
+
+def _flat_state(state: Tensor | None, like: Tensor) -> Tensor | None:
+    """The float32 (neurons,) initial state the kernels read, or None for zeros. The caller keeps it
+    in a variable until the launch: a pointer alone does not keep a tensor alive."""
+    if state is None:
+        return None
+    return state.to(device=like.device, dtype=torch.float32).expand(like.shape[1:]).contiguous()
+
+
+def _ptr(tensor: Tensor | None) -> int:
+    return 0 if tensor is None else tensor.data_ptr()
+
+
+def _launch(entry: str, on_host: bool, device: torch.device, *args) -> None:
+    """Runs `entry`'s host twin, or its kernel on the current stream of `device`."""
+    ext = _extension()
+    if on_host:
+        getattr(ext, f"{entry}_host")(*args)
+    else:
+        with torch.cuda.device(device):
+            getattr(ext, f"{entry}_cuda")(*args, torch.cuda.current_stream().cuda_stream)
+
+
+def _saf_neuron_forward(
+    u_hat: Tensor,
+    state: Tensor | None,
+    decay: float,
+    threshold: float,
+    spike_bits: int,
+    step: int,
+    grad_mask: bool,
+    on_host: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    _check("u_hat", u_hat, on_host)
     u = u_hat.contiguous()
-    steps = u.shape[0]
-    neurons = u[0].numel() if steps else 0
+    steps, neurons = u.shape[0], _neurons(u)
     trace = torch.empty_like(u)
     count = torch.zeros((), dtype=torch.int64, device=u.device)
-    initial = None if state is None else state.to(torch.float32).expand(u.shape[1:]).contiguous()
-    args = (
+    initial = _flat_state(state, u)
+    mask = upper = None
+    if grad_mask:
+        # The host twin sets bits in a zeroed mask; the kernel writes every word itself.
+        allocate = torch.zeros if on_host else torch.empty
+        mask = allocate((steps, _words(neurons)), dtype=torch.int32, device=u.device)
+        upper = reference.saf_f_upper_bounds(decay, step, steps, spike_bits, torch.float32).to(u.device)
+    _launch(
+        "saf_neuron_forward",
+        on_host,
+        u.device,
         u.data_ptr(),
         trace.data_ptr(),
-        0 if initial is None else initial.data_ptr(),
+        _ptr(initial),
+        _ptr(upper),
+        _ptr(mask),
         count.data_ptr(),
         steps,
         neurons,
@@ -47,23 +103,187 @@ def _saf_neuron_forward(
         threshold,
         spike_bits,
     )
-    if on_host:
-        _extension().saf_neuron_forward_host(*args)
-    else:
-        with torch.cuda.device(u.device):
-            _extension().saf_neuron_forward_cuda(*args, torch.cuda.current_stream().cuda_stream)
-    return trace, count.to(torch.float32)
+    return trace, count.to(torch.float32), mask if mask is not None else reference.no_grad_mask(u.device)
 
 
 def saf_neuron_forward(
-    u_hat: Tensor, state: Tensor | None, decay: float, threshold: float, spike_bits: int
-) -> tuple[Tensor, Tensor]:
-    """SAF neuron forward on the GPU: (a_hat in u_hat's dtype, spike count as float32)."""
-    return _saf_neuron_forward(u_hat, state, decay, threshold, spike_bits, on_host=False)
+    u_hat: Tensor,
+    state: Tensor | None,
+    decay: float,
+    threshold: float,
+    spike_bits: int,
+    step: int = 0,
+    grad_mask: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """SAF neuron forward on the GPU: (a_hat in u_hat's dtype, spike count as float32, SAF-F
+    gradient mask as ``reference.pack_bits`` lays it out, or ``reference.no_grad_mask``)."""
+    return _saf_neuron_forward(u_hat, state, decay, threshold, spike_bits, step, grad_mask, on_host=False)
 
 
 def saf_neuron_forward_host(
-    u_hat: Tensor, state: Tensor | None, decay: float, threshold: float, spike_bits: int
-) -> tuple[Tensor, Tensor]:
+    u_hat: Tensor,
+    state: Tensor | None,
+    decay: float,
+    threshold: float,
+    spike_bits: int,
+    step: int = 0,
+    grad_mask: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
     """The same per-neuron CUDA math run on CPU tensors (for tests without a GPU)."""
-    return _saf_neuron_forward(u_hat, state, decay, threshold, spike_bits, on_host=True)
+    return _saf_neuron_forward(u_hat, state, decay, threshold, spike_bits, step, grad_mask, on_host=True)
+
+
+def _saf_neuron_backward(
+    grad_trace: Tensor,
+    grad_count: Tensor,
+    u_hat: Tensor | None,
+    grad_mask: Tensor | None,
+    state: Tensor | None,
+    decay: float,
+    threshold: float,
+    mode: str,
+    surrogate: str,
+    alpha: float,
+    spike_bits: int,
+    on_host: bool,
+) -> Tensor:
+    _check("grad_trace", grad_trace, on_host)
+    g = grad_trace.contiguous()
+    steps, neurons = g.shape[0], _neurons(g)
+    # Read by the kernel on the device, so a gradient still being computed costs no host sync.
+    count_grad = grad_count.to(device=g.device, dtype=torch.float32)
+    if mode == "saf_f":
+        if grad_mask is None or grad_mask.dtype != torch.int32 or grad_mask.shape != (steps, _words(neurons)):
+            raise ValueError(
+                f"saf_f needs the forward's int32 gradient mask of shape {(steps, _words(neurons))}, got "
+                f"{None if grad_mask is None else (grad_mask.dtype, tuple(grad_mask.shape))}"
+            )
+        mask = grad_mask.to(g.device).contiguous()
+        grad = torch.empty_like(g)
+        _launch(
+            "saf_f_backward",
+            on_host,
+            g.device,
+            g.data_ptr(),
+            count_grad.data_ptr(),
+            mask.data_ptr(),
+            grad.data_ptr(),
+            steps,
+            neurons,
+            FLOAT_DTYPE_CODES[g.dtype],
+            threshold,
+        )
+        return grad
+    if mode != "saf_e":
+        raise ValueError(f"mode must be 'saf_e' or 'saf_f'; got {mode!r}")
+    if surrogate not in reference.SURROGATE_CODES:
+        raise ValueError(f"surrogate must be 'sigmoid', 's2nn' or 'rectangle'; got {surrogate!r}")
+    _check("u_hat", u_hat, on_host)
+    if u_hat.shape != grad_trace.shape:
+        raise ValueError(f"u_hat has shape {tuple(u_hat.shape)}, grad_trace {tuple(grad_trace.shape)}")
+    u = u_hat.contiguous()
+    if u.dtype != g.dtype:
+        # A kernel reads one storage dtype; float32 holds either exactly and the math is float32 anyway.
+        u, g = u.float(), g.float()
+    grad = torch.empty_like(g)
+    initial = _flat_state(state, u)
+    _launch(
+        "saf_e_backward",
+        on_host,
+        g.device,
+        g.data_ptr(),
+        count_grad.data_ptr(),
+        u.data_ptr(),
+        _ptr(initial),
+        grad.data_ptr(),
+        steps,
+        neurons,
+        FLOAT_DTYPE_CODES[g.dtype],
+        decay,
+        threshold,
+        spike_bits,
+        reference.SURROGATE_CODES[surrogate],
+        alpha,
+        reference.round_to(torch.float32, 0.5 / alpha),
+    )
+    return grad.to(grad_trace.dtype)
+
+
+def saf_neuron_backward(
+    grad_trace: Tensor,
+    grad_count: Tensor,
+    u_hat: Tensor | None,
+    grad_mask: Tensor | None,
+    state: Tensor | None,
+    decay: float,
+    threshold: float,
+    mode: str,
+    surrogate: str,
+    alpha: float,
+    spike_bits: int,
+) -> Tensor:
+    """dL/dU_hat on the GPU, in grad_trace's dtype: SAF-F from the forward's gradient mask alone
+    (u_hat and state unused), SAF-E by recomputing the trace from u_hat and state (grad_mask unused)."""
+    return _saf_neuron_backward(
+        grad_trace, grad_count, u_hat, grad_mask, state, decay, threshold, mode, surrogate, alpha, spike_bits, False
+    )
+
+
+def saf_neuron_backward_host(
+    grad_trace: Tensor,
+    grad_count: Tensor,
+    u_hat: Tensor | None,
+    grad_mask: Tensor | None,
+    state: Tensor | None,
+    decay: float,
+    threshold: float,
+    mode: str,
+    surrogate: str,
+    alpha: float,
+    spike_bits: int,
+) -> Tensor:
+    """The same per-neuron CUDA math run on CPU tensors (for tests without a GPU)."""
+    return _saf_neuron_backward(
+        grad_trace, grad_count, u_hat, grad_mask, state, decay, threshold, mode, surrogate, alpha, spike_bits, True
+    )
+
+
+def _recurrence(entry: str, x: Tensor, state: Tensor | None, decay: float, on_host: bool) -> Tensor:
+    """Runs spike_trace_forward or saf_readout_forward, which share their arguments."""
+    _check("u_hat" if entry == "saf_readout_forward" else "x", x, on_host)
+    xc = x.contiguous()
+    out = torch.empty_like(xc)
+    initial = _flat_state(state, xc)
+    _launch(
+        entry,
+        on_host,
+        xc.device,
+        xc.data_ptr(),
+        out.data_ptr(),
+        _ptr(initial),
+        xc.shape[0],
+        _neurons(xc),
+        FLOAT_DTYPE_CODES[xc.dtype],
+        decay,
+    )
+    return out
+
+
+def spike_trace_forward(x: Tensor, state: Tensor | None, decay: float) -> Tensor:
+    """a_hat[t] = lambda a_hat[t-1] + x[t] on the GPU, in x's dtype."""
+    return _recurrence("spike_trace_forward", x, state, decay, on_host=False)
+
+
+def spike_trace_forward_host(x: Tensor, state: Tensor | None, decay: float) -> Tensor:
+    """The same per-neuron CUDA math run on CPU tensors (for tests without a GPU)."""
+    return _recurrence("spike_trace_forward", x, state, decay, on_host=True)
+
+
+def saf_readout_forward(u_hat: Tensor, state: Tensor | None, decay: float) -> Tensor:
+    """o[t] = U_hat[t] - lambda U_hat[t-1] on the GPU, in u_hat's dtype."""
+    return _recurrence("saf_readout_forward", u_hat, state, decay, on_host=False)
+
+
+def saf_readout_forward_host(u_hat: Tensor, state: Tensor | None, decay: float) -> Tensor:
+    """The same per-element CUDA math run on CPU tensors (for tests without a GPU)."""
+    return _recurrence("saf_readout_forward", u_hat, state, decay, on_host=True)

@@ -13,7 +13,7 @@ from . import reference
 Tensor = torch.Tensor
 
 MODES = ("saf_e", "saf_f")
-SURROGATES = ("sigmoid", "s2nn", "rectangle")
+SURROGATES = tuple(reference.SURROGATE_CODES)
 MAX_SPIKE_BITS = 8
 
 _backend.declare(
@@ -22,11 +22,30 @@ _backend.declare(
     cuda="maqd_kernels.saf.cuda:saf_neuron_forward",
     triton="maqd_kernels.saf.triton:saf_neuron_forward",
 )
-_backend.declare("saf_neuron_backward", reference.saf_neuron_backward)
-_backend.declare("spike_trace_forward", reference.spike_trace_forward)
-_backend.declare("saf_readout_forward", reference.saf_readout_forward)
-_backend.declare("saf_linear_forward", reference.saf_linear_forward)
-_backend.declare("saf_linear_backward", reference.saf_linear_backward)
+_backend.declare(
+    "saf_neuron_backward",
+    reference.saf_neuron_backward,
+    cuda="maqd_kernels.saf.cuda:saf_neuron_backward",
+    triton="maqd_kernels.saf.triton:saf_neuron_backward",
+)
+_backend.declare(
+    "spike_trace_forward",
+    reference.spike_trace_forward,
+    cuda="maqd_kernels.saf.cuda:spike_trace_forward",
+    triton="maqd_kernels.saf.triton:spike_trace_forward",
+)
+_backend.declare(
+    "saf_readout_forward",
+    reference.saf_readout_forward,
+    cuda="maqd_kernels.saf.cuda:saf_readout_forward",
+    triton="maqd_kernels.saf.triton:saf_readout_forward",
+)
+_backend.declare(
+    "saf_linear_forward", reference.saf_linear_forward, triton="maqd_kernels.saf.triton:saf_linear_forward"
+)
+_backend.declare(
+    "saf_linear_backward", reference.saf_linear_backward, triton="maqd_kernels.saf.triton:saf_linear_backward"
+)
 
 
 # ----------------------------------------------------------------------------- saf_neuron
@@ -43,22 +62,28 @@ def _saf_neuron(
     alpha: float,
     spike_bits: int,
     step: int,
+    grad_mask: bool,
     backend: Optional[str],
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     impl = _backend.resolve("saf_neuron_forward", u_hat, backend)
-    return impl(u_hat, state, decay, threshold, spike_bits)
+    return impl(u_hat, state, decay, threshold, spike_bits, step, grad_mask)
 
 
 @_saf_neuron.register_fake
-def _(u_hat, state, decay, threshold, mode, surrogate, alpha, spike_bits, step, backend):
-    return torch.empty_like(u_hat), u_hat.new_empty((), dtype=reference.compute_dtype(u_hat.dtype))
+def _(u_hat, state, decay, threshold, mode, surrogate, alpha, spike_bits, step, grad_mask, backend):
+    count = u_hat.new_empty((), dtype=reference.compute_dtype(u_hat.dtype))
+    if not grad_mask:
+        return torch.empty_like(u_hat), count, reference.no_grad_mask(u_hat.device)
+    words = (u_hat.shape[1:].numel() + reference.WORD_BITS - 1) // reference.WORD_BITS
+    return torch.empty_like(u_hat), count, u_hat.new_empty((u_hat.shape[0], words), dtype=torch.int32)
 
 
 @torch.library.custom_op("maqd::saf_neuron_backward", mutates_args=())
 def _saf_neuron_backward(
     grad_trace: Tensor,
     grad_count: Tensor,
-    u_hat: Tensor,
+    u_hat: Optional[Tensor],
+    grad_mask: Optional[Tensor],
     state: Optional[Tensor],
     decay: float,
     threshold: float,
@@ -66,30 +91,44 @@ def _saf_neuron_backward(
     surrogate: str,
     alpha: float,
     spike_bits: int,
-    step: int,
     backend: Optional[str],
 ) -> Tensor:
-    impl = _backend.resolve("saf_neuron_backward", u_hat, backend)
+    impl = _backend.resolve("saf_neuron_backward", grad_trace, backend)
     return impl(
-        grad_trace.contiguous(), grad_count, u_hat, state, decay, threshold, mode, surrogate, alpha, spike_bits, step
+        grad_trace.contiguous(),
+        grad_count,
+        u_hat,
+        grad_mask,
+        state,
+        decay,
+        threshold,
+        mode,
+        surrogate,
+        alpha,
+        spike_bits,
     )
 
 
 @_saf_neuron_backward.register_fake
-def _(grad_trace, grad_count, u_hat, *args):
-    return torch.empty_like(u_hat)
+def _(grad_trace, *args):
+    return torch.empty_like(grad_trace)
 
 
 def _saf_neuron_setup(ctx, inputs, output):
-    u_hat, state, *params = inputs
-    ctx.save_for_backward(u_hat, state)
-    ctx.params = params
+    u_hat, state, decay, threshold, mode, surrogate, alpha, spike_bits, step, grad_mask, backend = inputs
+    # The least that each mode's backward needs: SAF-F one bit per neuron and step, SAF-E the
+    # input it recomputes the trace from.
+    if mode == "saf_f":
+        ctx.save_for_backward(None, output[2], None)
+    else:
+        ctx.save_for_backward(u_hat, None, state)
+    ctx.params = (decay, threshold, mode, surrogate, alpha, spike_bits, backend)
 
 
-def _saf_neuron_grad(ctx, grad_trace, grad_count):
-    u_hat, state = ctx.saved_tensors
-    grad = torch.ops.maqd.saf_neuron_backward(grad_trace, grad_count, u_hat, state, *ctx.params)
-    return (grad,) + (None,) * 9
+def _saf_neuron_grad(ctx, grad_trace, grad_count, _grad_mask):
+    u_hat, mask, state = ctx.saved_tensors
+    grad = torch.ops.maqd.saf_neuron_backward(grad_trace, grad_count, u_hat, mask, state, *ctx.params)
+    return (grad,) + (None,) * 10
 
 
 _saf_neuron.register_autograd(_saf_neuron_grad, setup_context=_saf_neuron_setup)
@@ -157,7 +196,8 @@ def saf_neuron(
     args = _neuron_args(decay, threshold, mode, surrogate, alpha, spike_bits, step)
     state = _check_state(state, u_hat.shape[1:], u_hat.device, "u_hat.shape[1:]")
     _backend.check_backward("saf_neuron_backward", u_hat, _checks.backend(backend), u_hat)
-    trace, count = _saf_neuron(u_hat, state, *args, backend)
+    grad_mask = args[2] == "saf_f" and torch.is_grad_enabled() and u_hat.requires_grad
+    trace, count, _ = _saf_neuron(u_hat, state, *args, grad_mask, backend)
     return (trace, count) if return_spike_count else trace
 
 

@@ -74,6 +74,10 @@ def bias_factors(decay: float, step: int, steps: int, dtype: torch.dtype, device
     return torch.tensor([bias_factor(decay, step + t, cdt) for t in range(steps)], dtype=cdt, device=device)
 
 
+# Numbers of the surrogates in the kernels (csrc/saf.cuh, triton.py).
+SURROGATE_CODES = {"sigmoid": 0, "s2nn": 1, "rectangle": 2}
+
+
 def surrogate_derivative(x: Tensor, surrogate: str, alpha: float) -> Tensor:
     """sigma'(x) of the spike function H (SPEC.md section 1)."""
     if surrogate == "sigmoid":
@@ -103,27 +107,76 @@ def _saf_step(
     return spike, leaked + spike, leaked
 
 
+def saf_f_upper_bounds(decay: float, step: int, steps: int, spike_bits: int, dtype: torch.dtype) -> Tensor:
+    """(2^b - 1) S_t for t = step .. step + steps - 1, rounded to the compute dtype: SAF-F's upper
+    bound on a_hat[t], reached exactly when the neuron fired its top level at every step."""
+    cdt = compute_dtype(dtype)
+    top_level = 2**spike_bits - 1
+    return torch.tensor([round_to(cdt, top_level * bias_factor(decay, step + t, cdt)) for t in range(steps)], dtype=cdt)
+
+
+WORD_BITS = 32
+
+
+def pack_bits(mask: Tensor) -> Tensor:
+    """(T, *) bool -> (T, ceil(n / 32)) int32, n = mask.shape[1:].numel(): bit j of word w of row t is
+    neuron 32 w + j at step t. The layout of SAF-F's saved gradient mask, shared by every backend."""
+    flat = mask.reshape(mask.shape[0], mask.shape[1:].numel()).to(torch.int64)
+    words = -(-flat.shape[1] // WORD_BITS)
+    flat = F.pad(flat, (0, words * WORD_BITS - flat.shape[1])).view(mask.shape[0], words, WORD_BITS)
+    packed = (flat << torch.arange(WORD_BITS, device=mask.device)).sum(-1)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def unpack_bits(words: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
+    """The inverse of ``pack_bits``: a bool tensor of `shape`."""
+    bits = (words.to(torch.int64).unsqueeze(-1) >> torch.arange(WORD_BITS, device=words.device)) & 1
+    neurons = torch.Size(shape[1:]).numel()
+    return bits.reshape(shape[0], words.shape[1] * WORD_BITS)[:, :neurons].reshape(shape).bool()
+
+
+def no_grad_mask(device: torch.device | str) -> Tensor:
+    """What the forward returns in place of the SAF-F gradient mask when none was asked for."""
+    return torch.empty(0, dtype=torch.int32, device=device)
+
+
 def saf_neuron_forward(
-    u_hat: Tensor, state: Tensor | None, decay: float, threshold: float, spike_bits: int
-) -> tuple[Tensor, Tensor]:
-    """a_hat[t] = lambda a_hat[t-1] + s[t]; returns (a_hat in u_hat's dtype, spike count)."""
+    u_hat: Tensor,
+    state: Tensor | None,
+    decay: float,
+    threshold: float,
+    spike_bits: int,
+    step: int = 0,
+    grad_mask: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """a_hat[t] = lambda a_hat[t-1] + s[t]; returns (a_hat in u_hat's dtype, spike count, mask).
+
+    With grad_mask, mask is SAF-F's derivative support 1[0 < a_hat[t] < (2^b - 1) S_{step+t}]
+    (float32 a_hat, before rounding to u_hat's dtype), bit-packed by ``pack_bits``: all that SAF-F's
+    backward needs, one bit per neuron and step. Without it, an empty int32 tensor."""
     cdt = compute_dtype(u_hat.dtype)
     u = u_hat.to(cdt)
     lam, threshold = round_to(cdt, decay), round_to(cdt, threshold)
     out = torch.empty_like(u)
+    inside = torch.empty(u.shape, dtype=torch.bool, device=u.device) if grad_mask else None
+    upper = saf_f_upper_bounds(decay, step, u.shape[0], spike_bits, cdt).tolist() if grad_mask else None
     trace = _initial(state, u[0]) if u.shape[0] else None
     count = torch.zeros((), dtype=torch.float64, device=u.device)
     for t in range(u.shape[0]):
         spike, trace, _ = _saf_step(u[t], trace, lam, threshold, spike_bits)
         out[t] = trace
         count += spike.sum(dtype=torch.float64)
-    return out.to(u_hat.dtype), count.to(cdt)
+        if grad_mask:
+            inside[t] = (trace > 0) & (trace < upper[t])
+    mask = pack_bits(inside) if grad_mask else no_grad_mask(u.device)
+    return out.to(u_hat.dtype), count.to(cdt), mask
 
 
 def saf_neuron_backward(
     grad_trace: Tensor,
     grad_count: Tensor,
-    u_hat: Tensor,
+    u_hat: Tensor | None,
+    grad_mask: Tensor | None,
     state: Tensor | None,
     decay: float,
     threshold: float,
@@ -131,29 +184,29 @@ def saf_neuron_backward(
     surrogate: str,
     alpha: float,
     spike_bits: int,
-    step: int,
 ) -> Tensor:
-    """dL/dU_hat. SAF-E: a_hat[t-1] detached, da[t]/dU[t] = sum_k sigma'(m_t - kV). SAF-F:
-    da[t]/dU[t] = 1[0 < a_hat[t] < (2^b - 1) S_t] / V. The spike count's gradient joins the
-    trace's (each spike's upstream gradient)."""
-    cdt = compute_dtype(u_hat.dtype)
-    u = u_hat.to(cdt)
+    """dL/dU_hat in grad_trace's dtype; the spike count's gradient joins the trace's (each spike's
+    upstream gradient).
+
+    SAF-E (needs u_hat and state): a_hat[t-1] detached, da[t]/dU[t] = sum_k sigma'(m_t - kV), the
+    trace recomputed from u_hat. SAF-F (needs only grad_mask from the forward):
+    da[t]/dU[t] = 1[0 < a_hat[t] < (2^b - 1) S_t] / V."""
+    cdt = compute_dtype(grad_trace.dtype)
     lam, v = round_to(cdt, decay), round_to(cdt, threshold)
-    top_level = 2**spike_bits - 1
     upstream = grad_trace.to(cdt) + grad_count.to(cdt)
+    if mode == "saf_f":
+        inside = unpack_bits(grad_mask, grad_trace.shape)
+        return (upstream * (inside.to(cdt) / v)).to(grad_trace.dtype)
+    u = u_hat.to(cdt)
     grad = torch.empty_like(u)
     trace = _initial(state, u[0]) if u.shape[0] else None
     for t in range(u.shape[0]):
         _, trace, leaked = _saf_step(u[t], trace, lam, v, spike_bits)
-        if mode == "saf_e":
-            derivative = sum(
-                surrogate_derivative(u[t] - v * (leaked + float(k)), surrogate, alpha) for k in range(1, top_level + 1)
-            )
-        else:
-            upper = round_to(cdt, top_level * bias_factor(decay, step + t, cdt))
-            derivative = ((trace > 0) & (trace < upper)).to(cdt) / v
+        derivative = sum(
+            surrogate_derivative(u[t] - v * (leaked + float(k)), surrogate, alpha) for k in range(1, 2**spike_bits)
+        )
         grad[t] = upstream[t] * derivative
-    return grad.to(u_hat.dtype)
+    return grad.to(grad_trace.dtype)
 
 
 def spike_trace_forward(x: Tensor, state: Tensor | None, decay: float) -> Tensor:
@@ -200,7 +253,7 @@ def saf_linear_forward(
     step: int,
 ) -> tuple[Tensor, Tensor]:
     """saf_neuron(a_in @ W^T + b S_t); returns (a_hat in a_in's dtype, spike count)."""
-    trace, count = saf_neuron_forward(
+    trace, count, _ = saf_neuron_forward(
         _linear_u_hat(a_in, weight, bias, decay, step), state, decay, threshold, spike_bits
     )
     return trace.to(a_in.dtype), count
@@ -224,8 +277,11 @@ def saf_linear_backward(
     """(dL/da_in, dL/dW, dL/db) through U_hat = W a_in + b S_t and the neuron's backward."""
     cdt = compute_dtype(a_in.dtype)
     u = _linear_u_hat(a_in, weight, bias, decay, step)
+    mask = (
+        saf_neuron_forward(u, state, decay, threshold, spike_bits, step, grad_mask=True)[2] if mode == "saf_f" else None
+    )
     grad_u = saf_neuron_backward(
-        grad_trace, grad_count, u, state, decay, threshold, mode, surrogate, alpha, spike_bits, step
+        grad_trace.to(cdt), grad_count, u, mask, state, decay, threshold, mode, surrogate, alpha, spike_bits
     )
     grad_a_in = (grad_u @ weight.to(cdt)).to(a_in.dtype)
     grad_weight = (grad_u.reshape(-1, weight.shape[0]).T @ a_in.to(cdt).reshape(-1, weight.shape[1])).to(weight.dtype)
