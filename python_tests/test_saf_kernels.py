@@ -10,7 +10,7 @@ import maqd_kernels as mk
 from maqd_kernels import _backend
 from maqd_kernels import nn as mnn
 from maqd_kernels.bench.validation import launcher, near_tie_neurons
-from maqd_kernels.saf import reference
+from maqd_kernels.saf import reference, tables
 
 from helpers import HAS_GPU, KERNEL_DTYPES, assert_equal_except_ties, kernel_targets, saf_forward
 
@@ -351,3 +351,40 @@ def test_saf_f_last_step_refuses_saf_e_layers():
     network = torch.nn.Sequential(mnn.SpikeTrace(), mnn.SAFLinear(3, 2, mode="saf_e"))
     with pytest.raises(ValueError, match="saf_e"):
         mnn.saf_f_last_step(network, torch.rand(3, 1, 3))
+
+
+# ----------------------------------------------------------------------------- device tables and modules
+
+
+def test_device_tables_equal_the_reference_and_share_the_fixed_point():
+    for decay in (0.5, 0.9, 1.0):
+        for step in (0, 3, 200, 10**6):
+            got = tables.bias_factors(decay, step, 5, "cpu")
+            assert torch.equal(got, reference.bias_factors(decay, step, 5, torch.float32))
+            upper = tables.saf_f_upper_bounds(decay, step, 5, 3, "cpu")
+            assert torch.equal(upper, reference.saf_f_upper_bounds(decay, step, 5, 3, torch.float32))
+    # Past the fixed point every window is one cached tensor: streaming costs no new copies.
+    assert tables.bias_factors(0.5, 10**6, 4, "cpu") is tables.bias_factors(0.5, 10**7, 4, "cpu")
+
+
+@pytest.mark.parametrize("backend,device", _op_backends())
+def test_modules_take_a_backend(backend, device):
+    layers = [
+        mnn.SpikeTrace(0.5, backend=backend),
+        mnn.SAFLinear(5, 4, decay=0.5, threshold=0.3, backend=backend),
+        mnn.SAFReadout(0.5, backend=backend),
+    ]
+    # Multiples of 1/16 at decay 0.5: every sum is exact in float32, whatever order a matmul takes.
+    with torch.no_grad():
+        layers[1].weight.copy_(torch.randint(-8, 9, (4, 5)) / 16)
+        layers[1].bias.copy_(torch.randint(-4, 5, (4,)) / 16)
+    network = torch.nn.Sequential(*layers).to(device)
+    x = (torch.randint(0, 17, (4, 2, 5)) / 16).to(device)
+    for layer in layers:
+        layer.backend = "reference"
+    expected = network(x)
+    for layer in layers:
+        layer.backend = backend
+    assert torch.equal(network(x), expected)
+    assert expected.abs().sum() > 0
+    assert f"backend={backend!r}" in repr(layers[1])

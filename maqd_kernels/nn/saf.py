@@ -19,21 +19,23 @@ Tensor = torch.Tensor
 
 
 class SpikeTrace(nn.Module):
-    """a_hat[t] = decay a_hat[t-1] + x[t]: spikes, or a static input repeated T times, into a trace."""
+    """a_hat[t] = decay a_hat[t-1] + x[t]: spikes, or a static input repeated T times, into a trace.
+    `backend` as in the ops (default: chosen per call, see ``maqd_kernels.backends()``)."""
 
-    def __init__(self, decay: float = 0.5):
+    def __init__(self, decay: float = 0.5, backend: str | None = None):
         super().__init__()
-        self.decay = decay
+        self.decay, self.backend = decay, backend
 
     def forward(self, x: Tensor, state: Tensor | None = None) -> Tensor:
-        return op.spike_trace(x, decay=self.decay, state=state)
+        return op.spike_trace(x, decay=self.decay, state=state, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"decay={self.decay}"
 
 
 class SAFNeuron(nn.Module):
-    """The SAF neuron over U_hat (T, *): returns the trace a_hat (T, *). See ``saf_neuron``."""
+    """The SAF neuron over U_hat (T, *): returns the trace a_hat (T, *). See ``saf_neuron``;
+    `backend` as in the ops (default: chosen per call)."""
 
     def __init__(
         self,
@@ -43,10 +45,12 @@ class SAFNeuron(nn.Module):
         surrogate: str = "sigmoid",
         alpha: float = 4.0,
         spike_bits: int = 1,
+        backend: str | None = None,
     ):
         super().__init__()
         self.decay, self.threshold, self.mode = decay, threshold, mode
         self.surrogate, self.alpha, self.spike_bits = surrogate, alpha, spike_bits
+        self.backend = backend
 
     def neuron_kwargs(self) -> dict:
         return {
@@ -56,6 +60,7 @@ class SAFNeuron(nn.Module):
             "surrogate": self.surrogate,
             "alpha": self.alpha,
             "spike_bits": self.spike_bits,
+            "backend": self.backend,
         }
 
     def forward(self, u_hat: Tensor, state: Tensor | None = None, step: int = 0) -> Tensor:
@@ -114,14 +119,15 @@ class SAFConv2d(SAFNeuron):
 
 
 class SAFReadout(nn.Module):
-    """o[t] = U_hat[t] - decay U_hat[t-1] (= W s[t] + b): the classifier output of the last layer."""
+    """o[t] = U_hat[t] - decay U_hat[t-1] (= W s[t] + b): the classifier output of the last layer.
+    `backend` as in the ops (default: chosen per call)."""
 
-    def __init__(self, decay: float = 0.5):
+    def __init__(self, decay: float = 0.5, backend: str | None = None):
         super().__init__()
-        self.decay = decay
+        self.decay, self.backend = decay, backend
 
     def forward(self, u_hat: Tensor, state: Tensor | None = None) -> Tensor:
-        return op.saf_readout(u_hat, decay=self.decay, state=state)
+        return op.saf_readout(u_hat, decay=self.decay, state=state, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"decay={self.decay}"

@@ -12,7 +12,7 @@ import math
 import torch
 
 from .._backend import FLOAT_DTYPE_CODES, cuda_extension
-from . import reference
+from . import reference, tables
 
 Tensor = torch.Tensor
 
@@ -85,7 +85,7 @@ def _saf_neuron_forward(
         # The host twin sets bits in a zeroed mask; the kernel writes every word itself.
         allocate = torch.zeros if on_host else torch.empty
         mask = allocate((steps, _words(neurons)), dtype=torch.int32, device=u.device)
-        upper = reference.saf_f_upper_bounds(decay, step, steps, spike_bits, torch.float32).to(u.device)
+        upper = tables.saf_f_upper_bounds(decay, step, steps, spike_bits, u.device)
     _launch(
         "saf_neuron_forward",
         on_host,

@@ -8,7 +8,7 @@ import torch
 
 from .. import _backend, _checks
 from .._library import empty_if_none, none_if_empty
-from . import reference
+from . import reference, tables
 
 Tensor = torch.Tensor
 
@@ -403,6 +403,8 @@ def saf_linear(
 
 @torch.library.custom_op("maqd::saf_bias_factors", mutates_args=())
 def _saf_bias_factors(like: Tensor, decay: float, step: int) -> Tensor:
+    if like.device.type == "cuda" and like.dtype != torch.float64:
+        return tables.bias_factors(decay, step, like.shape[0], like.device).clone()
     return reference.bias_factors(decay, step, like.shape[0], like.dtype, like.device)
 
 

@@ -68,6 +68,18 @@ def bias_factor(decay: float, t: int, dtype: torch.dtype = torch.float32) -> flo
     return table[t]
 
 
+def steady_step(decay: float, step: int, steps: int) -> int:
+    """A step s <= `step` with S_{s+t} = S_{step+t} for t < steps (float32): `step` itself, or the
+    first index of the fixed point once the recurrence has reached it, so that all later windows
+    of the same length are the same window."""
+    if steps:
+        bias_factor(decay, step + steps - 1)
+    table = _BIAS_FACTOR_TABLES.get((decay, torch.float32))
+    if table is None or not table.converged:
+        return step
+    return min(step, len(table.values))
+
+
 def bias_factors(decay: float, step: int, steps: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> Tensor:
     """S_step, ..., S_{step+steps-1} as a (steps,) tensor of the compute dtype of `dtype`."""
     cdt = compute_dtype(dtype)

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from .._backend import triton_interpreter
 from .._triton_helpers import to_storage
-from . import reference
+from . import reference, tables
 
 Tensor = torch.Tensor
 
@@ -307,7 +307,7 @@ def saf_neuron_forward(
     mask = torch.empty((steps, words), dtype=torch.int32, device=u.device) if grad_mask else None
     if neurons and steps:
         initial = _flat_state(state, u.shape[1:])
-        upper = reference.saf_f_upper_bounds(decay, step, steps, spike_bits, torch.float32).to(u.device)
+        upper = tables.saf_f_upper_bounds(decay, step, steps, spike_bits, u.device) if grad_mask else count
         _saf_neuron_forward_kernel[(triton.cdiv(neurons, _BLOCK),)](
             u,
             trace,
@@ -453,8 +453,8 @@ def _saf_linear_launch(
         initial = None
         if state is not None:
             initial = state.to(torch.float32).expand(*a_in.shape[1:-1], features).reshape(rows, features).contiguous()
-        factors = reference.bias_factors(decay, step, steps, torch.float32).to(a.device)
-        upper = reference.saf_f_upper_bounds(decay, step, steps, spike_bits, torch.float32).to(a.device)
+        factors = tables.bias_factors(decay, step, steps, a.device)
+        upper = tables.saf_f_upper_bounds(decay, step, steps, spike_bits, a.device)
         grad_trace, grad_count, mode, surrogate, alpha = backward or (None, None, "saf_e", "sigmoid", 1.0)
         if grad_trace is not None:
             grad_trace = grad_trace.reshape(steps, rows, features).contiguous()
@@ -542,7 +542,7 @@ def saf_linear_backward(
     grad_weight = flat_grad_u.T @ a_in.reshape(-1, weight.shape[1])
     grad_bias = None
     if bias is not None:
-        factors = reference.bias_factors(decay, step, a_in.shape[0], torch.float32, a_in.device)
+        factors = tables.bias_factors(decay, step, a_in.shape[0], a_in.device)
         grad_bias = (grad_u.float() * factors.view(-1, *[1] * (grad_u.dim() - 1))).reshape(-1, weight.shape[0])
         grad_bias = grad_bias.sum(0).to(bias.dtype)
     return grad_a_in, grad_weight, grad_bias
