@@ -7,8 +7,6 @@ which has no GPU, tests the CUDA math through them.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .._backend import FLOAT_DTYPE_CODES, cuda_extension
@@ -32,22 +30,6 @@ def _check(name: str, tensor: Tensor, on_host: bool) -> None:
     expected = "cpu" if on_host else "cuda"
     if tensor.device.type != expected:
         raise ValueError(f"{name} must be a {expected} tensor here, got one on {tensor.device}")
-
-
-def _neurons(x: Tensor) -> int:
-    return math.prod(x.shape[1:])
-
-
-def _words(neurons: int) -> int:
-    return -(-neurons // reference.WORD_BITS)
-
-
-def _flat_state(state: Tensor | None, like: Tensor) -> Tensor | None:
-    """The float32 (neurons,) initial state the kernels read, or None for zeros. The caller keeps it
-    in a variable until the launch: a pointer alone does not keep a tensor alive."""
-    if state is None:
-        return None
-    return state.to(device=like.device, dtype=torch.float32).expand(like.shape[1:]).contiguous()
 
 
 def _ptr(tensor: Tensor | None) -> int:
@@ -76,15 +58,15 @@ def _saf_neuron_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     _check("u_hat", u_hat, on_host)
     u = u_hat.contiguous()
-    steps, neurons = u.shape[0], _neurons(u)
+    steps, neurons = u.shape[0], tables.neurons(u)
     trace = torch.empty_like(u)
     count = torch.zeros((), dtype=torch.int64, device=u.device)
-    initial = _flat_state(state, u)
+    initial = tables.float32_state(state, u)
     mask = upper = None
     if grad_mask:
         # The host twin sets bits in a zeroed mask; the kernel writes every word itself.
         allocate = torch.zeros if on_host else torch.empty
-        mask = allocate((steps, _words(neurons)), dtype=torch.int32, device=u.device)
+        mask = allocate((steps, reference.mask_words(neurons)), dtype=torch.int32, device=u.device)
         upper = tables.saf_f_upper_bounds(decay, step, steps, spike_bits, u.device)
     _launch(
         "saf_neuron_forward",
@@ -149,13 +131,17 @@ def _saf_neuron_backward(
 ) -> Tensor:
     _check("grad_trace", grad_trace, on_host)
     g = grad_trace.contiguous()
-    steps, neurons = g.shape[0], _neurons(g)
+    steps, neurons = g.shape[0], tables.neurons(g)
     # Read by the kernel on the device, so a gradient still being computed costs no host sync.
     count_grad = grad_count.to(device=g.device, dtype=torch.float32)
     if mode == "saf_f":
-        if grad_mask is None or grad_mask.dtype != torch.int32 or grad_mask.shape != (steps, _words(neurons)):
+        if (
+            grad_mask is None
+            or grad_mask.dtype != torch.int32
+            or grad_mask.shape != (steps, reference.mask_words(neurons))
+        ):
             raise ValueError(
-                f"saf_f needs the forward's int32 gradient mask of shape {(steps, _words(neurons))}, got "
+                f"saf_f needs the forward's int32 gradient mask of shape {(steps, reference.mask_words(neurons))}, got "
                 f"{None if grad_mask is None else (grad_mask.dtype, tuple(grad_mask.shape))}"
             )
         mask = grad_mask.to(g.device).contiguous()
@@ -186,7 +172,7 @@ def _saf_neuron_backward(
         # A kernel reads one storage dtype; float32 holds either exactly and the math is float32 anyway.
         u, g = u.float(), g.float()
     grad = torch.empty_like(g)
-    initial = _flat_state(state, u)
+    initial = tables.float32_state(state, u)
     _launch(
         "saf_e_backward",
         on_host,
@@ -253,7 +239,7 @@ def _recurrence(entry: str, x: Tensor, state: Tensor | None, decay: float, on_ho
     _check("u_hat" if entry == "saf_readout_forward" else "x", x, on_host)
     xc = x.contiguous()
     out = torch.empty_like(xc)
-    initial = _flat_state(state, xc)
+    initial = tables.float32_state(state, xc)
     _launch(
         entry,
         on_host,
@@ -262,7 +248,7 @@ def _recurrence(entry: str, x: Tensor, state: Tensor | None, decay: float, on_ho
         out.data_ptr(),
         _ptr(initial),
         xc.shape[0],
-        _neurons(xc),
+        tables.neurons(xc),
         FLOAT_DTYPE_CODES[xc.dtype],
         decay,
     )

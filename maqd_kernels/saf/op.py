@@ -74,7 +74,7 @@ def _(u_hat, state, decay, threshold, mode, surrogate, alpha, spike_bits, step, 
     count = u_hat.new_empty((), dtype=reference.compute_dtype(u_hat.dtype))
     if not grad_mask:
         return torch.empty_like(u_hat), count, reference.no_grad_mask(u_hat.device)
-    words = (u_hat.shape[1:].numel() + reference.WORD_BITS - 1) // reference.WORD_BITS
+    words = reference.mask_words(u_hat.shape[1:].numel())
     return torch.empty_like(u_hat), count, u_hat.new_empty((u_hat.shape[0], words), dtype=torch.int32)
 
 

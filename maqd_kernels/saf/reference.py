@@ -130,11 +130,16 @@ def saf_f_upper_bounds(decay: float, step: int, steps: int, spike_bits: int, dty
 WORD_BITS = 32
 
 
+def mask_words(neurons: int) -> int:
+    """Words per step of the packed SAF-F mask: ceil(neurons / 32)."""
+    return -(-neurons // WORD_BITS)
+
+
 def pack_bits(mask: Tensor) -> Tensor:
     """(T, *) bool -> (T, ceil(n / 32)) int32, n = mask.shape[1:].numel(): bit j of word w of row t is
     neuron 32 w + j at step t. The layout of SAF-F's saved gradient mask, shared by every backend."""
     flat = mask.reshape(mask.shape[0], mask.shape[1:].numel()).to(torch.int64)
-    words = -(-flat.shape[1] // WORD_BITS)
+    words = mask_words(flat.shape[1])
     flat = F.pad(flat, (0, words * WORD_BITS - flat.shape[1])).view(mask.shape[0], words, WORD_BITS)
     packed = (flat << torch.arange(WORD_BITS, device=mask.device)).sum(-1)
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)

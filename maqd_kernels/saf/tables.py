@@ -1,6 +1,7 @@
-"""The per-step constants that the SAF kernels read (S_t and SAF-F's bounds), kept on the device.
+"""What the CUDA and Triton launchers of the SAF kernels share: the float32 initial state, and the
+per-step constants the kernels read (S_t and SAF-F's bounds), kept on the device.
 
-Built from ``reference``'s float32 recurrence, so kernels and reference agree bit for bit, and
+The constants are built from ``reference``'s float32 recurrence, so kernels and reference agree bit for bit, and
 cached per device: copying a fresh host tensor on every call would make each launch wait for the
 stream. Streaming calls ask for ever larger steps; once S_t has reached its fixed point they all
 share one entry.
@@ -15,6 +16,19 @@ import torch
 from . import reference
 
 Tensor = torch.Tensor
+
+
+def neurons(x: Tensor) -> int:
+    """Neurons per step of a time-first tensor (T, *)."""
+    return x.shape[1:].numel()
+
+
+def float32_state(state: Tensor | None, like: Tensor) -> Tensor | None:
+    """The contiguous float32 (neurons,) initial state the kernels read for the time-first `like`,
+    or None for zeros. Keep it in a variable until the launch: a pointer does not keep it alive."""
+    if state is None:
+        return None
+    return state.to(device=like.device, dtype=torch.float32).expand(like.shape[1:]).contiguous()
 
 
 @functools.lru_cache(maxsize=1024)

@@ -60,6 +60,16 @@ def _saf_e_derivative(u, leaked, threshold, alpha, half_width, SPIKE_BITS: tl.co
 
 
 @triton.jit
+def _initial_trace(state_ptr, offsets, mask, HAS_STATE: tl.constexpr):
+    """a_hat[t0-1] in float32 for the neurons at `offsets` (any shape): the state, or zeros."""
+    if HAS_STATE:
+        trace = tl.load(state_ptr + offsets, mask=mask, other=0.0)
+    else:
+        trace = tl.full(offsets.shape, 0.0, tl.float32)
+    return trace
+
+
+@triton.jit
 def _saf_neuron_forward_kernel(
     u_ptr,
     trace_ptr,
@@ -80,10 +90,7 @@ def _saf_neuron_forward_kernel(
     # One program owns BLOCK neurons and walks the time axis; the trace stays in registers.
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < neurons
-    if HAS_STATE:
-        trace = tl.load(state_ptr + offsets, mask=mask, other=0.0)
-    else:
-        trace = tl.zeros([BLOCK], dtype=tl.float32)
+    trace = _initial_trace(state_ptr, offsets, mask, HAS_STATE)
     spikes = tl.zeros([BLOCK], dtype=tl.int32)
     word_offsets = tl.program_id(0).to(tl.int64) * (BLOCK // 32) + tl.arange(0, BLOCK // 32)
     bit_values = (1 << tl.arange(0, 32)).to(tl.uint32)
@@ -127,10 +134,7 @@ def _saf_e_backward_kernel(
     # to be kept for the backward.
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < neurons
-    if HAS_STATE:
-        trace = tl.load(state_ptr + offsets, mask=mask, other=0.0)
-    else:
-        trace = tl.zeros([BLOCK], dtype=tl.float32)
+    trace = _initial_trace(state_ptr, offsets, mask, HAS_STATE)
     grad_count = tl.load(grad_count_ptr)
     for t in range(steps):
         position = t * neurons + offsets
@@ -171,10 +175,7 @@ def _spike_trace_kernel(
 ):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < neurons
-    if HAS_STATE:
-        trace = tl.load(state_ptr + offsets, mask=mask, other=0.0)
-    else:
-        trace = tl.zeros([BLOCK], dtype=tl.float32)
+    trace = _initial_trace(state_ptr, offsets, mask, HAS_STATE)
     for t in range(steps):
         position = t * neurons + offsets
         trace = decay * trace + tl.load(x_ptr + position, mask=mask, other=0.0).to(tl.float32)
@@ -235,10 +236,7 @@ def _saf_linear_kernel(
     row_ok, col_ok = row < rows, col < features
     tile_ok = row_ok[:, None] & col_ok[None, :]
     tile = row[:, None] * features + col[None, :]
-    if HAS_STATE:
-        trace = tl.load(state_ptr + tile, mask=tile_ok, other=0.0)
-    else:
-        trace = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    trace = _initial_trace(state_ptr, tile, tile_ok, HAS_STATE)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
     spikes = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
@@ -277,18 +275,6 @@ def _saf_linear_kernel(
         tl.atomic_add(count_ptr, tl.sum(tl.sum(spikes.to(tl.int64), axis=1), axis=0))
 
 
-def _flat_state(state: Tensor | None, shape: torch.Size) -> Tensor | None:
-    return None if state is None else state.to(torch.float32).expand(shape).contiguous()
-
-
-def _neurons(x: Tensor) -> int:
-    return x.shape[1:].numel()
-
-
-def _words(neurons: int) -> int:
-    return triton.cdiv(neurons, reference.WORD_BITS)
-
-
 def saf_neuron_forward(
     u_hat: Tensor,
     state: Tensor | None,
@@ -300,13 +286,13 @@ def saf_neuron_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """SAF neuron forward: (a_hat in u_hat's dtype, spike count as float32, SAF-F gradient mask)."""
     u = u_hat.contiguous()
-    steps, neurons = u.shape[0], _neurons(u)
+    steps, neurons = u.shape[0], tables.neurons(u)
     trace = torch.empty_like(u)
     count = torch.zeros((), dtype=torch.int64, device=u.device)
-    words = _words(neurons)
+    words = reference.mask_words(neurons)
     mask = torch.empty((steps, words), dtype=torch.int32, device=u.device) if grad_mask else None
     if neurons and steps:
-        initial = _flat_state(state, u.shape[1:])
+        initial = tables.float32_state(state, u)
         upper = tables.saf_f_upper_bounds(decay, step, steps, spike_bits, u.device) if grad_mask else count
         _saf_neuron_forward_kernel[(triton.cdiv(neurons, _BLOCK),)](
             u,
@@ -346,7 +332,7 @@ def saf_neuron_backward(
     recomputing the trace from u_hat."""
     g = grad_trace.contiguous()
     grad = torch.empty_like(g)
-    steps, neurons = g.shape[0], _neurons(g)
+    steps, neurons = g.shape[0], tables.neurons(g)
     if not (steps and neurons):
         return grad
     upstream_count = grad_count.to(device=g.device, dtype=torch.float32).reshape(1)
@@ -359,14 +345,14 @@ def saf_neuron_backward(
             grad_mask.contiguous(),
             total,
             neurons,
-            _words(neurons),
+            reference.mask_words(neurons),
             reference.round_to(torch.float32, 1.0 / reference.round_to(torch.float32, threshold)),
             BLOCK=_ELEMENTWISE_BLOCK,
             enable_fp_fusion=False,
         )
         return grad
     u = u_hat.contiguous()
-    initial = _flat_state(state, u.shape[1:])
+    initial = tables.float32_state(state, u)
     _saf_e_backward_kernel[(triton.cdiv(neurons, _BLOCK),)](
         grad,
         g,
@@ -392,9 +378,9 @@ def spike_trace_forward(x: Tensor, state: Tensor | None, decay: float) -> Tensor
     """a_hat[t] = lambda a_hat[t-1] + x[t] in x's dtype."""
     xc = x.contiguous()
     trace = torch.empty_like(xc)
-    steps, neurons = xc.shape[0], _neurons(xc)
+    steps, neurons = xc.shape[0], tables.neurons(xc)
     if steps and neurons:
-        initial = _flat_state(state, xc.shape[1:])
+        initial = tables.float32_state(state, xc)
         _spike_trace_kernel[(triton.cdiv(neurons, _BLOCK),)](
             xc,
             trace,
@@ -413,9 +399,9 @@ def saf_readout_forward(u_hat: Tensor, state: Tensor | None, decay: float) -> Te
     """o[t] = U_hat[t] - lambda U_hat[t-1] in u_hat's dtype."""
     u = u_hat.contiguous()
     out = torch.empty_like(u)
-    neurons = _neurons(u)
+    neurons = tables.neurons(u)
     if u.numel():
-        initial = _flat_state(state, u.shape[1:])
+        initial = tables.float32_state(state, u)
         _saf_readout_kernel[(triton.cdiv(u.numel(), _ELEMENTWISE_BLOCK),)](
             u,
             out,
