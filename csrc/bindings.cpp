@@ -72,4 +72,32 @@ PYBIND11_MODULE(_C, m) {
   m.def("saf_readout_forward_host", &maqd::saf_readout_forward_host, py::arg("u_hat"), py::arg("out"),
         py::arg("state"), py::arg("steps"), py::arg("neurons"), py::arg("dtype"), py::arg("decay"),
         py::call_guard<py::gil_scoped_release>());
+
+  m.def("round_clip_forward_cuda", &maqd::round_clip_forward_cuda, py::arg("x"), py::arg("out"), py::arg("scale_ptr"), py::arg("scale_mode"), py::arg("scale"), py::arg("numel"), py::arg("dtype"), py::arg("bits"), py::arg("is_signed"), py::arg("output"), py::arg("stream"));
+  m.def("round_clip_forward_host", &maqd::round_clip_forward_host, py::arg("x"), py::arg("out"), py::arg("scale_ptr"), py::arg("scale_mode"), py::arg("scale"), py::arg("numel"), py::arg("dtype"), py::arg("bits"), py::arg("is_signed"), py::arg("output"),
+        py::call_guard<py::gil_scoped_release>());
+
+  m.def("round_clip_backward_cuda", &maqd::round_clip_backward_cuda, py::arg("grad"), py::arg("x"), py::arg("scale_ptr"), py::arg("scale_mode"), py::arg("scale"), py::arg("grad_x"), py::arg("grad_scale"), py::arg("numel"), py::arg("dtype"), py::arg("bits"), py::arg("is_signed"), py::arg("surrogate"), py::arg("alpha"), py::arg("stream"));
+  m.def("round_clip_backward_host", &maqd::round_clip_backward_host, py::arg("grad"), py::arg("x"), py::arg("scale_ptr"), py::arg("scale_mode"), py::arg("scale"), py::arg("grad_x"), py::arg("grad_scale"), py::arg("numel"), py::arg("dtype"), py::arg("bits"), py::arg("is_signed"), py::arg("surrogate"), py::arg("alpha"),
+        py::call_guard<py::gil_scoped_release>());
+
+  m.def("pack_weight_cuda", &maqd::pack_weight_cuda, py::arg("w"), py::arg("channel_scale"), py::arg("packed"), py::arg("rows"), py::arg("cols"), py::arg("dtype"), py::arg("bits"), py::arg("standardize"), py::arg("eps"), py::arg("stream"));
+  m.def("pack_weight_host", &maqd::pack_weight_host, py::arg("w"), py::arg("channel_scale"), py::arg("packed"), py::arg("rows"), py::arg("cols"), py::arg("dtype"), py::arg("bits"), py::arg("standardize"), py::arg("eps"),
+        py::call_guard<py::gil_scoped_release>());
+
+  m.def("dequantize_weight_cuda", &maqd::dequantize_weight_cuda, py::arg("packed"), py::arg("channel_scale"), py::arg("out"), py::arg("rows"), py::arg("cols"), py::arg("dtype"), py::arg("bits"), py::arg("stream"));
+  m.def("dequantize_weight_host", &maqd::dequantize_weight_host, py::arg("packed"), py::arg("channel_scale"), py::arg("out"), py::arg("rows"), py::arg("cols"), py::arg("dtype"), py::arg("bits"),
+        py::call_guard<py::gil_scoped_release>());
+
+  m.def("weight_quant_backward_cuda", &maqd::weight_quant_backward_cuda, py::arg("grad_wq"), py::arg("w"), py::arg("grad_w"), py::arg("rows"), py::arg("cols"), py::arg("dtype"), py::arg("bits"), py::arg("scale"), py::arg("surrogate"), py::arg("alpha"), py::arg("eps"), py::arg("stream"));
+  m.def("weight_quant_backward_host", &maqd::weight_quant_backward_host, py::arg("grad_wq"), py::arg("w"), py::arg("grad_w"), py::arg("rows"), py::arg("cols"), py::arg("dtype"), py::arg("bits"), py::arg("scale"), py::arg("surrogate"), py::arg("alpha"), py::arg("eps"),
+        py::call_guard<py::gil_scoped_release>());
+
+  m.def("lowbit_gemm_cuda", &maqd::lowbit_gemm_cuda, py::arg("x"), py::arg("x_signed"), py::arg("lda"), py::arg("packed"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("bits"), py::arg("combined_scale"), py::arg("bias"), py::arg("out_scale"), py::arg("out_shift"), py::arg("out_bits"), py::arg("out_act_scale"), py::arg("out"), py::arg("out_dtype"), py::arg("stream"));
+  m.def("lowbit_gemm_host", &maqd::lowbit_gemm_host, py::arg("x"), py::arg("x_signed"), py::arg("lda"), py::arg("packed"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("bits"), py::arg("combined_scale"), py::arg("bias"), py::arg("out_scale"), py::arg("out_shift"), py::arg("out_bits"), py::arg("out_act_scale"), py::arg("out"), py::arg("out_dtype"),
+        py::call_guard<py::gil_scoped_release>());
+
+  m.def("lowbit_gemv_cuda", &maqd::lowbit_gemv_cuda, py::arg("x"), py::arg("x_dtype"), py::arg("packed"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("bits"), py::arg("combined_scale"), py::arg("bias"), py::arg("out_scale"), py::arg("out_shift"), py::arg("out_bits"), py::arg("out_act_scale"), py::arg("out"), py::arg("out_dtype"), py::arg("stream"));
+  m.def("lowbit_gemv_host", &maqd::lowbit_gemv_host, py::arg("x"), py::arg("x_dtype"), py::arg("packed"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("bits"), py::arg("combined_scale"), py::arg("bias"), py::arg("out_scale"), py::arg("out_shift"), py::arg("out_bits"), py::arg("out_act_scale"), py::arg("out"), py::arg("out_dtype"),
+        py::call_guard<py::gil_scoped_release>());
 }

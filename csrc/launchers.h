@@ -52,6 +52,74 @@ void saf_readout_forward_cuda(uintptr_t u_hat, uintptr_t out, uintptr_t state, i
 void saf_readout_forward_host(uintptr_t u_hat, uintptr_t out, uintptr_t state, int64_t steps, int64_t neurons,
                               int dtype, float decay);
 
+// ---- MaQD round-clip quantization (SPEC.md section 2); the math is in quant.cuh.
+//
+// Scales of the elementwise round-clip ops: `scale_mode` 0 uses the float `scale`; 1 reads one
+// float32 at `scale_ptr`; 2 reads a float32 per element (scale_ptr[i], the launcher expands a
+// broadcast scale tensor). Surrogates are 0 "ste", 1 "sigmoid" (reference.round_clip_backward).
+
+// `x` has `numel` elements of float `dtype`. output 0 writes int8 (signed) or uint8 codes to
+// `out`; output 1 writes scale * q in `dtype`.
+void round_clip_forward_cuda(uintptr_t x, uintptr_t out, uintptr_t scale_ptr, int scale_mode, float scale,
+                             int64_t numel, int dtype, int bits, bool is_signed, int output, uintptr_t stream);
+void round_clip_forward_host(uintptr_t x, uintptr_t out, uintptr_t scale_ptr, int scale_mode, float scale,
+                             int64_t numel, int dtype, int bits, bool is_signed, int output);
+
+// dL/dx into `grad_x` (`dtype`); when `grad_scale` is not 0, the per-element float32 LSQ terms
+// g * dscale into it (the launcher sums them to the scale's shape).
+void round_clip_backward_cuda(uintptr_t grad, uintptr_t x, uintptr_t scale_ptr, int scale_mode, float scale,
+                              uintptr_t grad_x, uintptr_t grad_scale, int64_t numel, int dtype, int bits,
+                              bool is_signed, int surrogate, float alpha, uintptr_t stream);
+void round_clip_backward_host(uintptr_t grad, uintptr_t x, uintptr_t scale_ptr, int scale_mode, float scale,
+                              uintptr_t grad_x, uintptr_t grad_scale, int64_t numel, int dtype, int bits,
+                              bool is_signed, int surrogate, float alpha);
+
+// Standardizes (when `standardize`) each row of the (rows, cols) weight `w` in `dtype`, round-clips
+// it with the float32 per-row `channel_scale` to signed `bits`-bit codes and writes them packed as
+// reference.pack_codes into `packed`, (rows, packed_words(cols, bits)) int32. One pass per row.
+void pack_weight_cuda(uintptr_t w, uintptr_t channel_scale, uintptr_t packed, int64_t rows, int64_t cols, int dtype,
+                      int bits, bool standardize, float eps, uintptr_t stream);
+void pack_weight_host(uintptr_t w, uintptr_t channel_scale, uintptr_t packed, int64_t rows, int64_t cols, int dtype,
+                      int bits, bool standardize, float eps);
+
+// out[o, k] = channel_scale[o] * q[o, k] in `dtype`, (rows, cols); channel_scale 0 writes the bare codes.
+void dequantize_weight_cuda(uintptr_t packed, uintptr_t channel_scale, uintptr_t out, int64_t rows, int64_t cols,
+                            int dtype, int bits, uintptr_t stream);
+void dequantize_weight_host(uintptr_t packed, uintptr_t channel_scale, uintptr_t out, int64_t rows, int64_t cols,
+                            int dtype, int bits);
+
+// The weight side of quant_linear's backward, fused per row of the (rows, cols) weight: from
+// dL/dw_q (`grad_wq`) and the float weight `w`, both `dtype`, recomputes w_hat, applies the
+// round-clip surrogate (signed `bits`, float `scale`) and the standardization backward into `grad_w`.
+void weight_quant_backward_cuda(uintptr_t grad_wq, uintptr_t w, uintptr_t grad_w, int64_t rows, int64_t cols,
+                                int dtype, int bits, float scale, int surrogate, float alpha, float eps,
+                                uintptr_t stream);
+void weight_quant_backward_host(uintptr_t grad_wq, uintptr_t w, uintptr_t grad_w, int64_t rows, int64_t cols,
+                                int dtype, int bits, float scale, int surrogate, float alpha, float eps);
+
+// Epilogue arguments of both low-bit matmuls (quant.cuh, Epilogue): float32 (n,) vectors, 0 when
+// absent; out_bits 0 for float output. `out` is (m, n) in `out_dtype`: a FloatDType code, or 3 for
+// uint8 codes (then out_bits > 0).
+//
+// Integer path on int8 tensor cores: `x` is (m, lda) codes, uint8 (`x_signed` false) or int8,
+// lda a multiple of 16 bytes with zeros in columns k .. lda - 1; `packed` is (n, words) int32
+// (reference.pack_codes of `bits`-bit codes, words = packed_words(k, bits)). acc = x @ q^T in int32.
+void lowbit_gemm_cuda(uintptr_t x, bool x_signed, int64_t lda, uintptr_t packed, int64_t m, int64_t n, int64_t k,
+                      int bits, uintptr_t combined_scale, uintptr_t bias, uintptr_t out_scale, uintptr_t out_shift,
+                      int out_bits, float out_act_scale, uintptr_t out, int out_dtype, uintptr_t stream);
+void lowbit_gemm_host(uintptr_t x, bool x_signed, int64_t lda, uintptr_t packed, int64_t m, int64_t n, int64_t k,
+                      int bits, uintptr_t combined_scale, uintptr_t bias, uintptr_t out_scale, uintptr_t out_shift,
+                      int out_bits, float out_act_scale, uintptr_t out, int out_dtype);
+
+// Weight-only path for small m: float `x` (m, k) contiguous in `x_dtype` times the codes decoded in
+// registers, accumulated in float32; bandwidth-bound on the packed weight.
+void lowbit_gemv_cuda(uintptr_t x, int x_dtype, uintptr_t packed, int64_t m, int64_t n, int64_t k, int bits,
+                      uintptr_t combined_scale, uintptr_t bias, uintptr_t out_scale, uintptr_t out_shift,
+                      int out_bits, float out_act_scale, uintptr_t out, int out_dtype, uintptr_t stream);
+void lowbit_gemv_host(uintptr_t x, int x_dtype, uintptr_t packed, int64_t m, int64_t n, int64_t k, int bits,
+                      uintptr_t combined_scale, uintptr_t bias, uintptr_t out_scale, uintptr_t out_shift,
+                      int out_bits, float out_act_scale, uintptr_t out, int out_dtype);
+
 // The CUDA runtime version _C was built against, as cudaRuntimeGetVersion reports it.
 int cuda_runtime_version();
 

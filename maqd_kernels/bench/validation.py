@@ -15,6 +15,8 @@ import torch
 
 from .. import _backend
 from ..saf import reference as saf_reference
+from . import quant_cases
+from .compare import GRADIENT_RTOL, count_far, count_mismatches
 
 Tensor = torch.Tensor
 
@@ -56,26 +58,6 @@ def near_tie_neurons(
     return near
 
 
-def count_mismatches(actual: Tensor, expected: Tensor, excused: Tensor) -> tuple[int, int]:
-    """(values compared, values that differ) of two time-first tensors, skipping excused neurons."""
-    a, e = actual.cpu()[:, ~excused.cpu()], expected.cpu()[:, ~excused.cpu()]
-    differ = (a != e) & ~(a.isnan() & e.isnan())
-    return a.numel(), int(differ.sum())
-
-
-def count_far(actual: Tensor, expected: Tensor, rtol: float, excused: Tensor | None = None) -> tuple[int, int]:
-    """(values compared, values further apart than rtol times expected's largest magnitude) of two
-    tensors; with `excused`, time-first tensors whose excused neurons are skipped."""
-    a, e = actual.cpu().float(), expected.cpu().float()
-    if excused is not None:
-        a, e = a[:, ~excused.cpu()], e[:, ~excused.cpu()]
-    scale = e.abs().max().item() if e.numel() else 0.0
-    return a.numel(), int(((a - e).abs() > rtol * scale).sum())
-
-
-# Gradients differ from the reference by float32 rounding (expf, summation order) and, in bf16 and
-# fp16, by one rounding of dL/dU_hat to the storage dtype.
-GRADIENT_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2**-6, torch.float16: 2**-9}
 DECAY, THRESHOLD = 0.7, 0.85
 
 
@@ -196,6 +178,7 @@ CASES: dict[str, Callable[[torch.device, torch.dtype], Iterator[tuple[tuple, Cal
     "saf_readout_forward": _exact_cases,
     "saf_linear_forward": _saf_linear_forward_cases,
     "saf_linear_backward": _saf_linear_backward_cases,
+    **quant_cases.CASES,
 }
 
 

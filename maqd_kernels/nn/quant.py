@@ -17,7 +17,8 @@ Tensor = torch.Tensor
 
 class QuantLinear(nn.Module):
     """Linear layer on round-clipped standardized weights: F.linear(x, round_clip(weight_standardize(W))).
-    Parameters are initialised as torch.nn.Linear's. See ``quant_linear``."""
+    Parameters are initialised as torch.nn.Linear's. See ``quant_linear``; its forward runs the
+    fused pack + low-bit matmul kernels. ``backend`` as in the ops (default: chosen per call)."""
 
     def __init__(
         self,
@@ -27,9 +28,10 @@ class QuantLinear(nn.Module):
         *,
         weight_bits: int,
         weight_scale: float | None = None,
+        backend: str | None = None,
     ):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features, self.backend = in_features, out_features, backend
         self.weight_bits = weight_bits
         self.weight_scale = op.default_scale(weight_bits, True) if weight_scale is None else weight_scale
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
@@ -37,7 +39,19 @@ class QuantLinear(nn.Module):
         _init_like_torch(self.weight, self.bias, in_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        return op.quant_linear(x, self.weight, self.bias, weight_bits=self.weight_bits, weight_scale=self.weight_scale)
+        return op.quant_linear(
+            x,
+            self.weight,
+            self.bias,
+            weight_bits=self.weight_bits,
+            weight_scale=self.weight_scale,
+            backend=self.backend,
+        )
+
+    def packed_weight(self) -> op.PackedWeight:
+        """The quantized weight this layer computes with, packed for ``lowbit_linear`` (inference)."""
+        with torch.no_grad():
+            return op.pack_weight(self.weight, self.weight_bits, scale=self.weight_scale, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (
@@ -48,7 +62,7 @@ class QuantLinear(nn.Module):
 
 class QuantConv2d(nn.Module):
     """2-D convolution on round-clipped standardized weights. Parameters are initialised as
-    torch.nn.Conv2d's. See ``quant_conv2d``."""
+    torch.nn.Conv2d's. See ``quant_conv2d``; ``backend`` as in the ops."""
 
     def __init__(
         self,
@@ -61,8 +75,10 @@ class QuantConv2d(nn.Module):
         *,
         weight_bits: int,
         weight_scale: float | None = None,
+        backend: str | None = None,
     ):
         super().__init__()
+        self.backend = backend
         kernel = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel
         self.stride, self.padding = stride, padding
@@ -81,6 +97,7 @@ class QuantConv2d(nn.Module):
             self.padding,
             weight_bits=self.weight_bits,
             weight_scale=self.weight_scale,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:
@@ -97,11 +114,19 @@ class QuantAct(nn.Module):
         bits: 1..8. scale: default ``default_scale(bits, signed=False)`` (Gaussian-optimal after LBN).
         learn_scale: make the scale a parameter trained with LSQ's gradient (Esser et al., 2020).
         surrogate: "ste" or "sigmoid" (an unsigned round-clip is a single-step multi-bit spiking neuron).
+        backend: as in the ops (default: chosen per call).
     """
 
-    def __init__(self, bits: int, scale: float | None = None, learn_scale: bool = False, surrogate: str = "ste"):
+    def __init__(
+        self,
+        bits: int,
+        scale: float | None = None,
+        learn_scale: bool = False,
+        surrogate: str = "ste",
+        backend: str | None = None,
+    ):
         super().__init__()
-        self.bits, self.surrogate, self.learn_scale = bits, surrogate, learn_scale
+        self.bits, self.surrogate, self.learn_scale, self.backend = bits, surrogate, learn_scale, backend
         initial = op.default_scale(bits, False) if scale is None else float(scale)
         if learn_scale:
             self.scale = nn.Parameter(torch.tensor(initial))
@@ -110,7 +135,7 @@ class QuantAct(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         scale = self.scale.to(x.dtype) if self.learn_scale else self.scale
-        return op.round_clip(x, self.bits, scale, signed=False, surrogate=self.surrogate)
+        return op.round_clip(x, self.bits, scale, signed=False, surrogate=self.surrogate, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, learn_scale={self.learn_scale}, surrogate={self.surrogate!r}"

@@ -18,17 +18,29 @@ CODE_DTYPES = (torch.uint8, torch.int8)
 
 _backend.declare("weight_standardize_forward", reference.weight_standardize_forward)
 _backend.declare("weight_standardize_backward", reference.weight_standardize_backward)
-_backend.declare("round_clip_forward", reference.round_clip_forward)
-_backend.declare("round_clip_backward", reference.round_clip_backward)
-_backend.declare("quantize", reference.quantize)
-_backend.declare("pack_weight", reference.pack_weight)
 _backend.declare("unpack_weight", reference.unpack_codes)
-_backend.declare("lowbit_linear", reference.lowbit_linear)
 _backend.declare("lowbit_linear_backward", reference.lowbit_linear_backward)
-_backend.declare("quant_linear_forward", reference.quant_linear_forward)
-_backend.declare("quant_linear_backward", reference.quant_linear_backward)
-_backend.declare("quant_conv2d_forward", reference.quant_conv2d_forward)
-_backend.declare("quant_conv2d_backward", reference.quant_conv2d_backward)
+# Ops with cuda and triton kernels: quant/cuda.py and quant/triton.py define a launcher of each
+# name, with its reference twin's signature.
+for _name in (
+    "round_clip_forward",
+    "round_clip_backward",
+    "quantize",
+    "pack_weight",
+    "dequantize_weight",
+    "weight_quant_backward",
+    "lowbit_linear",
+    "quant_linear_forward",
+    "quant_linear_backward",
+    "quant_conv2d_forward",
+    "quant_conv2d_backward",
+):
+    _backend.declare(
+        _name,
+        getattr(reference, _name),
+        cuda=f"maqd_kernels.quant.cuda:{_name}",
+        triton=f"maqd_kernels.quant.triton:{_name}",
+    )
 
 
 def default_scale(bits: int, signed: bool) -> float:
@@ -413,12 +425,6 @@ def _lowbit_linear(
     )
 
 
-def _lowbit_linear_out_dtype(x: Tensor, out_bits: int | None) -> torch.dtype:
-    if out_bits is not None:
-        return torch.uint8
-    return x.dtype if x.is_floating_point() else torch.float32
-
-
 @_lowbit_linear.register_fake
 def _(
     x,
@@ -435,7 +441,7 @@ def _(
     out_act_scale,
     backend,
 ):
-    return x.new_empty((*x.shape[:-1], packed.shape[0]), dtype=_lowbit_linear_out_dtype(x, out_bits))
+    return x.new_empty((*x.shape[:-1], packed.shape[0]), dtype=reference.lowbit_output_dtype(x.dtype, out_bits))
 
 
 @torch.library.custom_op("maqd::lowbit_linear_backward", mutates_args=())

@@ -180,6 +180,23 @@ def unpack_codes(packed: Tensor, bits: int, in_features: int) -> Tensor:
     return codes.to(torch.int8)
 
 
+def dequantize_weight(
+    packed: Tensor, weight_scale: Tensor | None, bits: int, in_features: int, dtype: torch.dtype
+) -> Tensor:
+    """alpha_w[o] * q[o, k] computed in float32 and cast to `dtype`, (N, in_features); with no
+    scale, the bare codes q in `dtype`."""
+    codes = unpack_codes(packed, bits, in_features).to(torch.float32)
+    return (codes if weight_scale is None else weight_scale.to(torch.float32).unsqueeze(1) * codes).to(dtype)
+
+
+def pack_channel_scale(w: Tensor, scale_tensor: Tensor | None, scale: float) -> Tensor:
+    """alpha_w as float32 (N,): the float scale, or a (1, 1) / (N, 1) scale tensor, per output channel."""
+    n = w.shape[0]
+    if scale_tensor is None:
+        return torch.full((n,), round_to(torch.float32, scale), dtype=torch.float32, device=w.device)
+    return scale_tensor.to(torch.float32).expand(n, 1).reshape(n).clone()
+
+
 def pack_weight(
     w: Tensor, scale_tensor: Tensor | None, scale: float, bits: int, standardize: bool, eps: float
 ) -> tuple[Tensor, Tensor]:
@@ -187,12 +204,38 @@ def pack_weight(
     alpha_w (N,), packed int32 codes), so that the quantized weight is alpha_w[o] * q[o, k]."""
     w_hat = weight_standardize_forward(w, eps) if standardize else w
     codes = quantize(w_hat, scale_tensor, scale, bits, signed=True)
-    n = w.shape[0]
-    if scale_tensor is None:
-        channel_scale = torch.full((n,), round_to(torch.float32, scale), dtype=torch.float32, device=w.device)
-    else:
-        channel_scale = scale_tensor.to(torch.float32).expand(n, 1).reshape(n).clone()
-    return channel_scale, pack_codes(codes, bits)
+    return pack_channel_scale(w, scale_tensor, scale), pack_codes(codes, bits)
+
+
+def lowbit_output_dtype(x_dtype: torch.dtype, out_bits: int | None) -> torch.dtype:
+    """uint8 codes when out_bits is set; else x's float dtype, or float32 for code inputs."""
+    if out_bits is not None:
+        return torch.uint8
+    return x_dtype if x_dtype.is_floating_point else torch.float32
+
+
+def lowbit_epilogue(
+    acc: Tensor,
+    combined_scale: Tensor,
+    bias: Tensor | None,
+    out_scale: Tensor | None,
+    out_shift: Tensor | None,
+    out_bits: int | None,
+    out_act_scale: float | None,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """The fused epilogue of lowbit_linear on accumulators acc (M, N), each step one rounding:
+    y = acc * combined_scale[o] + bias[o]; y = y * out_scale[o] + out_shift[o]; then the unsigned
+    out_bits codes of y, or y in out_dtype. combined_scale is alpha_w[o] * act_scale (integer
+    path) or alpha_w[o] (weight-only), in acc's dtype."""
+    y = acc * combined_scale
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    if out_scale is not None:
+        y = y * out_scale.to(y.dtype) + out_shift.to(y.dtype)
+    if out_bits is not None:
+        return quantize(y, None, out_act_scale, out_bits, signed=False)
+    return y.to(out_dtype)
 
 
 def lowbit_linear(
@@ -216,26 +259,17 @@ def lowbit_linear(
     then the exact integer product), or float times the integer weight (weight-only)."""
     codes = unpack_codes(packed, bits, in_features)
     rows = x.reshape(-1, in_features)
-    integer_input = x.dtype in (torch.uint8, torch.int8) or act_bits is not None
-    if integer_input:
-        x_codes = (
-            rows if x.dtype in (torch.uint8, torch.int8) else quantize(rows, None, act_scale, act_bits, signed=False)
-        )
+    if not x.is_floating_point() or act_bits is not None:
+        x_codes = rows if not x.is_floating_point() else quantize(rows, None, act_scale, act_bits, signed=False)
         acc = (x_codes.to(torch.float64) @ codes.to(torch.float64).T).to(torch.float32)
-        y = acc * (weight_scale * round_to(torch.float32, act_scale))
-        out_dtype = torch.float32 if x.dtype in (torch.uint8, torch.int8) else x.dtype
+        combined_scale = weight_scale * round_to(torch.float32, act_scale)
     else:
         cdt = compute_dtype(x.dtype)
-        y = (rows.to(cdt) @ codes.to(cdt).T) * weight_scale.to(cdt)
-        out_dtype = x.dtype
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    if out_scale is not None:
-        y = y * out_scale.to(y.dtype) + out_shift.to(y.dtype)
-    y = y.reshape(*x.shape[:-1], packed.shape[0])
-    if out_bits is not None:
-        return quantize(y, None, out_act_scale, out_bits, signed=False)
-    return y.to(out_dtype)
+        acc = rows.to(cdt) @ codes.to(cdt).T
+        combined_scale = weight_scale.to(cdt)
+    out_dtype = lowbit_output_dtype(x.dtype, out_bits)
+    y = lowbit_epilogue(acc, combined_scale, bias, out_scale, out_shift, out_bits, out_act_scale, out_dtype)
+    return y.reshape(*x.shape[:-1], packed.shape[0])
 
 
 def lowbit_linear_backward(
@@ -276,13 +310,13 @@ def lowbit_linear_backward(
 
 def _quantized_operands(
     x: Tensor, weight: Tensor, weight_bits: int, weight_scale: float, act_bits: int | None, act_scale: float | None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(x_q, w_hat, w_q) in the compute dtype."""
+) -> tuple[Tensor, Tensor]:
+    """(x_q, w_q) in the compute dtype."""
     cdt = compute_dtype(x.dtype)
     w_hat = weight_standardize_forward(weight.to(cdt), 1e-5)
     w_q = round_clip_forward(w_hat, None, weight_scale, weight_bits, signed=True)
     x_q = x.to(cdt) if act_bits is None else round_clip_forward(x.to(cdt), None, act_scale, act_bits, signed=False)
-    return x_q, w_hat, w_q
+    return x_q, w_q
 
 
 def quant_linear_forward(
@@ -295,8 +329,19 @@ def quant_linear_forward(
     act_scale: float | None,
 ) -> Tensor:
     """F.linear(round_clip(x), round_clip(weight_standardize(weight)), bias)."""
-    x_q, _, w_q = _quantized_operands(x, weight, weight_bits, weight_scale, act_bits, act_scale)
+    x_q, w_q = _quantized_operands(x, weight, weight_bits, weight_scale, act_bits, act_scale)
     return F.linear(x_q, w_q, None if bias is None else bias.to(x_q.dtype)).to(x.dtype)
+
+
+def weight_quant_backward(
+    grad_w_q: Tensor, weight: Tensor, bits: int, scale: float, surrogate: str, alpha: float, eps: float
+) -> Tensor:
+    """dL/dweight from dL/dw_q, w_q = round_clip(weight_standardize(weight), bits, scale, signed):
+    the round-clip surrogate, then the standardization backward, per output channel (dim 0)."""
+    cdt = compute_dtype(weight.dtype)
+    w_hat = weight_standardize_forward(weight.to(cdt), eps)
+    grad_w_hat = round_clip_backward(grad_w_q.to(cdt), w_hat, None, scale, bits, True, surrogate, alpha)[0]
+    return weight_standardize_backward(grad_w_hat, weight.to(cdt), eps).to(weight.dtype)
 
 
 def _quant_input_grads(
@@ -304,7 +349,6 @@ def _quant_input_grads(
     grad_w_q: Tensor,
     x: Tensor,
     weight: Tensor,
-    w_hat: Tensor,
     weight_bits: int,
     weight_scale: float,
     act_bits: int | None,
@@ -319,11 +363,8 @@ def _quant_input_grads(
             grad_x_q, x.to(grad_x_q.dtype), None, act_scale, act_bits, False, surrogate, SURROGATE_ALPHA
         )[0]
     )
-    grad_w_hat = round_clip_backward(
-        grad_w_q, w_hat, None, weight_scale, weight_bits, True, surrogate, SURROGATE_ALPHA
-    )[0]
-    grad_weight = weight_standardize_backward(grad_w_hat, weight.to(w_hat.dtype), 1e-5)
-    return grad_x.to(x.dtype), grad_weight.to(weight.dtype)
+    grad_weight = weight_quant_backward(grad_w_q, weight, weight_bits, weight_scale, surrogate, SURROGATE_ALPHA, 1e-5)
+    return grad_x.to(x.dtype), grad_weight
 
 
 def quant_linear_backward(
@@ -338,12 +379,12 @@ def quant_linear_backward(
     surrogate: str,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(dL/dx, dL/dweight, dL/dbias): autograd of ``quant_linear_forward`` with the surrogates."""
-    x_q, w_hat, w_q = _quantized_operands(x, weight, weight_bits, weight_scale, act_bits, act_scale)
+    x_q, w_q = _quantized_operands(x, weight, weight_bits, weight_scale, act_bits, act_scale)
     g = grad.to(x_q.dtype)
     grad_x_q = g @ w_q
     grad_w_q = g.reshape(-1, weight.shape[0]).T @ x_q.reshape(-1, weight.shape[1])
     grad_x, grad_weight = _quant_input_grads(
-        grad_x_q, grad_w_q, x, weight, w_hat, weight_bits, weight_scale, act_bits, act_scale, surrogate
+        grad_x_q, grad_w_q, x, weight, weight_bits, weight_scale, act_bits, act_scale, surrogate
     )
     grad_bias = None if bias is None else g.reshape(-1, weight.shape[0]).sum(0).to(bias.dtype)
     return grad_x, grad_weight, grad_bias
@@ -363,7 +404,7 @@ def quant_conv2d_forward(
     act_scale: float | None,
 ) -> Tensor:
     """F.conv2d(round_clip(x), round_clip(weight_standardize(weight)), bias, ...)."""
-    x_q, _, w_q = _quantized_operands(x, weight, weight_bits, weight_scale, act_bits, act_scale)
+    x_q, w_q = _quantized_operands(x, weight, weight_bits, weight_scale, act_bits, act_scale)
     out = F.conv2d(x_q, w_q, None if bias is None else bias.to(x_q.dtype), stride, padding, dilation, groups)
     return out.to(x.dtype)
 
@@ -384,13 +425,13 @@ def quant_conv2d_backward(
     surrogate: str,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(dL/dx, dL/dweight, dL/dbias): autograd of ``quant_conv2d_forward`` with the surrogates."""
-    x_q, w_hat, w_q = _quantized_operands(x, weight, weight_bits, weight_scale, act_bits, act_scale)
+    x_q, w_q = _quantized_operands(x, weight, weight_bits, weight_scale, act_bits, act_scale)
     g = grad.to(x_q.dtype)
     grad_x_q, grad_w_q, _ = torch.ops.aten.convolution_backward(
         g, x_q, w_q, None, stride, padding, dilation, False, [0, 0], groups, [True, True, False]
     )
     grad_x, grad_weight = _quant_input_grads(
-        grad_x_q, grad_w_q, x, weight, w_hat, weight_bits, weight_scale, act_bits, act_scale, surrogate
+        grad_x_q, grad_w_q, x, weight, weight_bits, weight_scale, act_bits, act_scale, surrogate
     )
     grad_bias = None if bias is None else g.sum(dim=(0, 2, 3)).to(bias.dtype)
     return grad_x, grad_weight, grad_bias
