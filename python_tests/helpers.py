@@ -35,6 +35,17 @@ def kernel_targets() -> list:
     return targets
 
 
+def op_backends() -> list:
+    """Backends the public ops can be asked for on this machine, with the device they run on."""
+    params = [pytest.param("reference", "cpu")]
+    for backend, device in (("triton", "cpu"), ("cuda", "cuda"), ("triton", "cuda")):
+        if device == "cuda" and not HAS_GPU:
+            continue
+        if _backend.backends()[backend].available and _backend._unusable_reason(backend, torch.device(device)) is None:
+            params.append(pytest.param(backend, device))
+    return params
+
+
 def saf_forward(backend: str, *args):
     """The SAF neuron forward of `backend` ("reference", "cuda", "triton" or "cuda-host")."""
     return launcher("saf_neuron_forward", backend)(*args)

@@ -12,7 +12,7 @@ from maqd_kernels import nn as mnn
 from maqd_kernels.bench.validation import launcher, near_tie_neurons
 from maqd_kernels.saf import reference, tables
 
-from helpers import HAS_GPU, KERNEL_DTYPES, assert_equal_except_ties, kernel_targets, saf_forward
+from helpers import KERNEL_DTYPES, assert_equal_except_ties, kernel_targets, op_backends, saf_forward
 
 STEPS = [1, 2, 5, 32]
 DECAY, THRESHOLD = 0.7, 0.85
@@ -205,18 +205,7 @@ def test_saf_linear_backward_kernels_match_reference(backend, device, dtype, ste
 # ----------------------------------------------------------------------------- through the ops
 
 
-def _op_backends():
-    """Backends the public ops can be asked for on this machine, with the device they run on."""
-    params = [pytest.param("reference", "cpu")]
-    for backend, device in (("triton", "cpu"), ("cuda", "cuda"), ("triton", "cuda")):
-        if device == "cuda" and not HAS_GPU:
-            continue
-        if _backend.backends()[backend].available and _backend._unusable_reason(backend, torch.device(device)) is None:
-            params.append(pytest.param(backend, device))
-    return params
-
-
-@pytest.mark.parametrize("backend,device", _op_backends())
+@pytest.mark.parametrize("backend,device", op_backends())
 @pytest.mark.parametrize("mode", ["saf_e", "saf_f"])
 def test_ops_train_on_every_backend(backend, device, mode):
     """Forward and backward of the public ops on one backend equal the reference's."""
@@ -252,7 +241,7 @@ def test_ops_train_on_every_backend(backend, device, mode):
         assert torch.equal(out, op(x, decay=DECAY, state=state, backend="reference"))
 
 
-@pytest.mark.parametrize("backend,device", _op_backends())
+@pytest.mark.parametrize("backend,device", op_backends())
 @pytest.mark.parametrize("mode", ["saf_e", "saf_f"])
 @pytest.mark.parametrize("spike_bits", [1, 2])
 def test_streaming_one_step_at_a_time_equals_multistep(backend, device, mode, spike_bits):
@@ -367,7 +356,7 @@ def test_device_tables_equal_the_reference_and_share_the_fixed_point():
     assert tables.bias_factors(0.5, 10**6, 4, "cpu") is tables.bias_factors(0.5, 10**7, 4, "cpu")
 
 
-@pytest.mark.parametrize("backend,device", _op_backends())
+@pytest.mark.parametrize("backend,device", op_backends())
 def test_modules_take_a_backend(backend, device):
     layers = [
         mnn.SpikeTrace(0.5, backend=backend),
