@@ -59,3 +59,61 @@ def test_bench_saf_rejects_an_unknown_section():
         sys.path.remove(str(BENCHMARKS))
     with pytest.raises(SystemExit):
         bench_saf.parse_args(["--smoke", "--only", "neuron,convolution"])
+
+
+def test_bench_quant_smoke_writes_every_section(tmp_path):
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_quant.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=BENCHMARKS.parent,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    targets = result.stdout[result.stdout.index("\ntargets") :]
+    for goal in ("W2A8", "W4A8", "W2A16", "W4A16", "train step"):
+        assert goal in targets, goal
+
+    with open(tmp_path / "quant.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["section"] for r in rows} == {"machine", "linear", "train", "prep"}
+    assert not [r for r in rows if r.get("error")], "a smoke measurement failed"
+    # Every measurement has a positive time, except torch._int_mm where cuBLASLt refuses the shape
+    # (M <= 16), which is skipped with a note.
+    skipped = [r for r in rows if r.get("note")]
+    assert skipped and all(r["impl"] == "int_mm" and r["M"] == "1" for r in skipped), skipped
+    assert all(float(r["ms"]) > 0 for r in rows if r["section"] != "machine" and not r.get("note"))
+
+    kernels = {"reference"} | ({"triton"} if env.get("TRITON_INTERPRET") == "1" else set())
+    linear = [r for r in rows if r["section"] == "linear"]
+    assert {r["impl"] for r in linear} >= kernels | {"cublas", "int_mm", "eager", "compile"}
+    for kernel in kernels:
+        assert {(r["path"], r["bits"]) for r in linear if r["impl"] == kernel} == {
+            (path, str(bits)) for path in ("A8", "A16") for bits in (1, 2, 4, 8)
+        }
+        assert all(r["x_cublas"] and r["x_eager"] and r["x_compile"] for r in linear if r["impl"] == kernel)
+    train = {r["impl"] for r in rows if r["section"] == "train"}
+    assert {"nn.Linear bf16", "eager fake-quant", "compile fake-quant"} <= train, train
+    for kernel in kernels:
+        assert {f"QuantAct+QuantLinear [{kernel}]", f"quant_linear act_bits=8 [{kernel}]"} <= train, train
+    assert {r["op"] for r in rows if r["section"] == "prep"} == {"pack_weight", "quantize"}
+
+    markdown = (tmp_path / "quant.md").read_text()
+    for heading in ("## Targets", "## (a) lowbit_linear forward", "## (b) Training step", "## (c) pack_weight"):
+        assert heading in markdown
+
+
+def test_bench_quant_rejects_bad_options():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import bench_quant
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    for argv in (["--smoke", "--only", "linear,conv"], ["--smoke", "--bits", "3"], ["--smoke", "--bits", "x"]):
+        with pytest.raises(SystemExit):
+            bench_quant.parse_args(argv)
+    assert bench_quant.parse_args(["--smoke", "--bits", "4,2", "--only", "train"]).bits == [2, 4]
