@@ -11,7 +11,7 @@
 //   * per K tile, cp.async brings the x tile (128 rows x 64 bytes, 16-byte copies) and the packed
 //     weight tile (128 rows x 64 / codes_per_word words, 4-byte copies) into shared memory, two
 //     stages deep, so tile t + 1 is in flight while tile t is multiplied. Rows past m / n and
-//     columns past lda / words are zero-filled (cp.async with src-size 0), never read.
+//     columns past lda / words are zero-filled (cp.async with src-size 0) without a global read.
 //   * the packed tile is decoded once per block into an int8 tile (128 rows x 64 codes) with
 //     decode_four_codes, four codes per 32-bit shared store; then every warp reads its A and B
 //     fragments with 32-bit shared loads. Rows of both int8 tiles are padded from 64 to 80 bytes
@@ -76,7 +76,7 @@ constexpr int kMmaK = 32;
 constexpr int kFragsM = kWarpM / kMmaM;       // 4 mma tiles along M per warp
 constexpr int kFragsN = kWarpN / kMmaN;       // 4 along N
 constexpr int kRowBytes = kBlockK + 16;       // padded row of the int8 tiles (see the header)
-constexpr int kStages = 2;
+constexpr int kStages = 2;                    // cp.async pipeline depth (static shared memory caps it)
 constexpr int kMaxWordsPerRow = kBlockK / 4;  // packed words of one weight row per tile, 8-bit storage
 constexpr int kLanesPerRow = kBlockK / 4;     // 32-bit lanes of 4 codes per decoded row
 static_assert((kBlockM / kWarpM) * (kBlockN / kWarpN) * 32 == kThreads, "8 warps tile the block");
@@ -92,13 +92,6 @@ struct SharedTiles {
   alignas(16) uint8_t b[kBlockN * kRowBytes];                       // decoded int8 weight, 10 KiB
 };
 static_assert(sizeof(SharedTiles) <= 48 * 1024, "static shared memory limit");
-
-cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
-
-template <typename T>
-const T* as_const(uintptr_t p) {
-  return reinterpret_cast<const T*>(p);
-}
 
 // ---- PTX wrappers (sm_80+). Every asm that touches shared memory clobbers "memory" so that the
 // compiler keeps shared loads and stores on their side of the copies and waits. The per-thread
@@ -197,11 +190,10 @@ MAQD_HD ThreadPlace thread_place(int tid) {
 // kWidth is the storage width (1, 2, 4, 8); per_word = 32 / kWidth divides 64, so a tile holds
 // whole words.
 template <int kWidth>
-MAQD_HD void load_tile(SharedTiles& s, int stage, const uint8_t* x, int64_t lda,
-                                          const uint32_t* packed, int64_t words, int64_t m, int64_t n, int64_t m0,
-                                          int64_t n0, int64_t k0, int tid) {
+MAQD_HD void load_tile(SharedTiles& s, int stage, const uint8_t* x, int64_t lda, const uint32_t* packed, int64_t words,
+                       int64_t m, int64_t n, int64_t m0, int64_t n0, int64_t k0, int tid) {
   constexpr int kChunksPerRow = kBlockK / 16;
-MAQD_UNROLL
+  MAQD_UNROLL
   for (int i = 0; i < kBlockM * kChunksPerRow / kThreads; ++i) {
     const int c = tid + i * kThreads;
     const int row = c / kChunksPerRow;
@@ -216,7 +208,7 @@ MAQD_UNROLL
   constexpr int kWordsPerRow = kBlockK / kPerWord;  // 2, 4, 8 or 16
   static_assert(kBlockK % kPerWord == 0 && (kBlockN * kWordsPerRow) % kThreads == 0, "whole words per tile");
   const int64_t w0 = k0 / kPerWord;
-MAQD_UNROLL
+  MAQD_UNROLL
   for (int i = 0; i < kBlockN * kWordsPerRow / kThreads; ++i) {
     const int c = tid + i * kThreads;
     const int row = c / kWordsPerRow;
@@ -237,7 +229,7 @@ template <int kWidth>
 MAQD_HD void decode_tile(SharedTiles& s, int stage, int tid) {
   constexpr int kPerWord = 32 / kWidth;
   constexpr int kWordsPerRow = kBlockK / kPerWord;
-MAQD_UNROLL
+  MAQD_UNROLL
   for (int i = 0; i < kBlockN * kLanesPerRow / kThreads; ++i) {
     const int c = tid + i * kThreads;
     const int row = c / kLanesPerRow;
@@ -253,7 +245,7 @@ MAQD_UNROLL
 // warp_m0 + 16 mi .., bf[ni] the 32 x 8 tile of weight rows warp_n0 + 8 ni ...
 MAQD_HD void load_fragments(const SharedTiles& s, int stage, int kk, const ThreadPlace& p, uint32_t (&af)[kFragsM][4],
                             uint32_t (&bf)[kFragsN][2]) {
-MAQD_UNROLL
+  MAQD_UNROLL
   for (int mi = 0; mi < kFragsM; ++mi) {
     const uint8_t* a = s.a[stage] + (p.warp_m0 + mi * kMmaM + p.g) * kRowBytes + kk + 4 * p.t;
     af[mi][0] = load_shared_u32(a);                       // row g,     k 4t .. 4t + 3
@@ -261,7 +253,7 @@ MAQD_UNROLL
     af[mi][2] = load_shared_u32(a + 16);                  // row g,     k 16 + 4t ..
     af[mi][3] = load_shared_u32(a + 8 * kRowBytes + 16);  // row g + 8, k 16 + 4t ..
   }
-MAQD_UNROLL
+  MAQD_UNROLL
   for (int ni = 0; ni < kFragsN; ++ni) {
     const uint8_t* b = s.b + (p.warp_n0 + ni * kMmaN + p.g) * kRowBytes + kk + 4 * p.t;
     bf[ni][0] = load_shared_u32(b);       // column g, k 4t .. 4t + 3
@@ -273,11 +265,11 @@ MAQD_UNROLL
 // column 2t + (r & 1)) of that 16 x 8 tile; rows >= m and columns >= n are dropped.
 MAQD_HD void store_outputs(const int32_t (&acc)[kFragsM][kFragsN][4], const ThreadPlace& p, int64_t m0, int64_t n0,
                            int64_t m, int64_t n, const Epilogue& e, void* out, int out_dtype) {
-MAQD_UNROLL
+  MAQD_UNROLL
   for (int ni = 0; ni < kFragsN; ++ni) {
-MAQD_UNROLL
+    MAQD_UNROLL
     for (int mi = 0; mi < kFragsM; ++mi) {
-MAQD_UNROLL
+      MAQD_UNROLL
       for (int r = 0; r < 4; ++r) {
         const int64_t row = m0 + p.warp_m0 + mi * kMmaM + p.g + (r >= 2 ? 8 : 0);
         const int64_t col = n0 + p.warp_n0 + ni * kMmaN + 2 * p.t + (r & 1);
@@ -313,18 +305,24 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0;
 
-    // Pipeline: one commit group per K tile (possibly empty), tile kt in stage kt % 2. At step kt
-    // the copies of tile kt + 1 are issued, then wait_group 1 leaves only them in flight.
-    if (k_tiles > 0) load_tile<kWidth>(s, 0, x, lda, packed, words, m, n, m0, n0, 0, tid);
-    cp_async_commit();
+    // Pipeline: one commit group per K tile (empty past the last tile), tile kt in stage
+    // kt % kStages. The prologue issues tiles 0 .. kStages - 2; step kt issues tile kt + kStages - 1,
+    // so kt + kStages groups are committed and wait_group kStages - 1 leaves tiles 0 .. kt landed.
+#pragma unroll
+    for (int st = 0; st < kStages - 1; ++st) {
+      if (st < k_tiles) load_tile<kWidth>(s, st, x, lda, packed, words, m, n, m0, n0, int64_t{st} * kBlockK, tid);
+      cp_async_commit();
+    }
     for (int64_t kt = 0; kt < k_tiles; ++kt) {
-      const int stage = static_cast<int>(kt & 1);
-      // Stage stage ^ 1 was last read in step kt - 1, which ended with __syncthreads.
-      if (kt + 1 < k_tiles) {
-        load_tile<kWidth>(s, stage ^ 1, x, lda, packed, words, m, n, m0, n0, (kt + 1) * kBlockK, tid);
+      const int stage = static_cast<int>(kt % kStages);
+      // The stage refilled here was last read in step kt - 1, which ended with __syncthreads.
+      const int64_t next = kt + kStages - 1;
+      if (next < k_tiles) {
+        load_tile<kWidth>(s, static_cast<int>(next % kStages), x, lda, packed, words, m, n, m0, n0, next * kBlockK,
+                          tid);
       }
       cp_async_commit();
-      cp_async_wait<1>();
+      cp_async_wait<kStages - 1>();
       __syncthreads();  // tile kt, copied by all threads, is visible to all
       decode_tile<kWidth>(s, stage, tid);
       __syncthreads();  // the int8 weight tile is complete
