@@ -62,6 +62,19 @@ inline void check_cuda(cudaError_t status, const char* what) {
   }
 }
 
+// The launchers' integer arguments (launchers.h) as what they point to.
+inline cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
+
+template <typename T>
+const T* as_const(uintptr_t p) {
+  return reinterpret_cast<const T*>(p);
+}
+
+template <typename T>
+T* as_mutable(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
 inline unsigned int blocks_for(int64_t items, int threads) {
   return static_cast<unsigned int>((items + threads - 1) / threads);
 }

@@ -26,18 +26,6 @@ constexpr int64_t kMaxGridY = 65535;
 // The most activation rows lowbit_gemv keeps accumulators for (quant/cuda.py GEMV_MAX_ROWS).
 constexpr int kGemvMaxRows = 16;
 
-cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
-
-template <typename T>
-const T* as_const(uintptr_t p) {
-  return reinterpret_cast<const T*>(p);
-}
-
-template <typename T>
-T* as_mutable(uintptr_t p) {
-  return reinterpret_cast<T*>(p);
-}
-
 unsigned int grid_for(int64_t items) {
   return static_cast<unsigned int>(std::min<int64_t>(blocks_for(items, kThreads), kMaxBlocks));
 }

@@ -214,18 +214,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) saf_readout_kernel(
   }
 }
 
-cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
-
-template <typename T>
-const T* as_const(uintptr_t p) {
-  return reinterpret_cast<const T*>(p);
-}
-
-template <typename T>
-T* as_mutable(uintptr_t p) {
-  return reinterpret_cast<T*>(p);
-}
-
 }  // namespace
 
 void saf_neuron_forward_cuda(uintptr_t u_hat, uintptr_t trace_out, uintptr_t state, uintptr_t upper,
