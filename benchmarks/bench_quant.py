@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -855,20 +854,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"copy {ceilings.copy_gbps:.0f} GB/s, bf16 matmul {ceilings.matmul_tflops:.1f} TFLOP/s, {header['int8 matmul']}"
     )
-    out_dir = args.out
-    if out_dir is None:
-        out_dir = (
-            Path(tempfile.mkdtemp(prefix="bench_quant_smoke_"))
-            if plan.smoke
-            else common.REPO / "benchmarks" / "results" / common.slug(header["gpu"])
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = common.results_dir(args.out, plan.smoke, header["gpu"], "bench_quant")
 
     record = Recorder(plan)
-    machine_rows = [
-        {"section": "machine", "impl": "copy", "bytes": ceilings.copy_bytes, "gbps": ceilings.copy_gbps},
-        {"section": "machine", "impl": "matmul bf16", "N": ceilings.matmul_n, "tflops": ceilings.matmul_tflops},
-    ]
+    machine_rows = common.machine_rows(ceilings)
     if int8_tops:
         machine_rows.append({"section": "machine", "impl": "_int_mm int8", "N": plan.matmul_n, "tflops": int8_tops})
     results: dict[str, list[dict]] = {section: [] for section in SECTIONS}

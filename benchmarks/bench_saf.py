@@ -41,7 +41,6 @@ import contextlib
 import functools
 import math
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -929,20 +928,10 @@ def main(argv: list[str] | None = None) -> int:
     ceilings = common.measure_ceilings(timer, plan.copy_bytes, plan.matmul_n)
     header = common.run_header(plan.device, ceilings, run)
     print(f"copy {ceilings.copy_gbps:.0f} GB/s, bf16 matmul {ceilings.matmul_tflops:.1f} TFLOP/s")
-    out_dir = args.out
-    if out_dir is None:
-        out_dir = (
-            Path(tempfile.mkdtemp(prefix="bench_saf_smoke_"))
-            if plan.smoke
-            else common.REPO / "benchmarks" / "results" / common.slug(header["gpu"])
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = common.results_dir(args.out, plan.smoke, header["gpu"], "bench_saf")
 
     record = Recorder(plan)
-    machine_rows = [
-        {"section": "machine", "impl": "copy", "bytes": ceilings.copy_bytes, "gbps": ceilings.copy_gbps},
-        {"section": "machine", "impl": "matmul bf16", "N": ceilings.matmul_n, "tflops": ceilings.matmul_tflops},
-    ]
+    machine_rows = common.machine_rows(ceilings)
     neuron: list[dict] = []
     linear: list[dict] = []
     vgg: list[dict] = []

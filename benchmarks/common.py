@@ -21,6 +21,7 @@ import platform
 import re
 import statistics
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -187,6 +188,25 @@ def device_name(device: torch.device) -> str:
 def slug(name: str) -> str:
     """A file-name-safe form of a device name: "NVIDIA H200" -> "nvidia-h200"."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def results_dir(out: Path | None, smoke: bool, gpu: str, script: str) -> Path:
+    """Where a script writes its tables (created): ``--out``, a fresh temporary folder for smoke
+    runs, else benchmarks/results/<gpu>/."""
+    if out is None:
+        out = (
+            Path(tempfile.mkdtemp(prefix=f"{script}_smoke_")) if smoke else REPO / "benchmarks" / "results" / slug(gpu)
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def machine_rows(ceilings: Ceilings) -> list[dict]:
+    """The run's measured ceilings as rows of the "machine" section."""
+    return [
+        {"section": "machine", "impl": "copy", "bytes": ceilings.copy_bytes, "gbps": ceilings.copy_gbps},
+        {"section": "machine", "impl": "matmul bf16", "N": ceilings.matmul_n, "tflops": ceilings.matmul_tflops},
+    ]
 
 
 def run_header(device: torch.device, ceilings: Ceilings, run: str) -> dict[str, str]:
