@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 Tensor = torch.Tensor
@@ -37,3 +39,33 @@ def rounding_ties(v: Tensor, binary: bool, tol: float = 1e-5) -> Tensor:
     if binary:
         return (v.abs() < tol) & (v != 0)
     return (v - v.floor() - 0.5).abs() < tol * v.abs().clamp(min=1.0)
+
+
+def count_close(got: Tensor | None, want: Tensor | None, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(compared, further apart than GRADIENT_RTOL[dtype] allows, excused = 0); an output present
+    on one side only counts as one mismatch."""
+    if got is None or want is None:
+        return (0, 0, 0) if got is None and want is None else (1, 1, 0)
+    return (*count_far(got, want, GRADIENT_RTOL[dtype]), 0)
+
+
+def sum_counts(results) -> tuple[int, int, int]:
+    """Element-wise sum of (compared, mismatches, excused) triples."""
+    return tuple(sum(r[i] for r in results) for i in range(3))
+
+
+def close_to_reference(dtype: torch.dtype) -> Callable:
+    """A validation comparison: every output (one tensor or a tuple) within the dtype's tolerance."""
+
+    def compare(got, want):
+        if isinstance(want, Tensor):
+            return count_close(got, want, dtype)
+        return sum_counts(count_close(g, w, dtype) for g, w in zip(got, want))
+
+    return compare
+
+
+def random_tensor(shape, device, dtype, scale=1.5, shift=0.0) -> Tensor:
+    """Gaussian values (never all zeros) drawn in float64 on the CPU, so every device and dtype
+    sees the same numbers."""
+    return (torch.randn(shape, dtype=torch.float64) * scale + shift).to(dtype).to(device)

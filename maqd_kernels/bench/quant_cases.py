@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from ..quant import reference
-from .compare import GRADIENT_RTOL, count_far, rounding_ties
+from .compare import close_to_reference, count_close, random_tensor, rounding_ties, sum_counts
 
 Tensor = torch.Tensor
 Cases = Iterator[tuple[tuple, Callable]]
@@ -27,26 +27,12 @@ def _count_exact(got: Tensor, want: Tensor, excused: Tensor | None = None) -> tu
     return int(keep.sum()), int(differ.sum()), int((~keep).sum())
 
 
-def _count_close(got: Tensor | None, want: Tensor | None, dtype: torch.dtype) -> tuple[int, int, int]:
-    if got is None or want is None:
-        return (0, 0, 0) if got is None and want is None else (1, 1, 0)
-    return (*count_far(got, want, GRADIENT_RTOL[dtype]), 0)
-
-
-def _sum(results) -> tuple[int, int, int]:
-    return tuple(sum(r[i] for r in results) for i in range(3))
-
-
-def _random(shape, device, dtype, scale=1.5, shift=0.0) -> Tensor:
-    return (torch.randn(shape, dtype=torch.float64) * scale + shift).to(dtype).to(device)
-
-
 def _round_clip_inputs(device: torch.device, dtype: torch.dtype) -> Iterator[tuple]:
     """(x, scale_tensor, scale, bits, signed): a float scale, a learned scalar scale, per-row scales."""
-    yield _random((257,), device, dtype), None, 0.31, 4, False
-    yield _random((3, 40), device, dtype), torch.tensor(0.6, device=device), 0.0, 1, True
-    yield _random((5, 33), device, dtype), torch.rand(5, 1, device=device) * 0.1 + 0.02, 0.0, 8, True
-    yield _random((2, 65), device, dtype, shift=1.0), None, 0.193249, 2, False
+    yield random_tensor((257,), device, dtype), None, 0.31, 4, False
+    yield random_tensor((3, 40), device, dtype), torch.tensor(0.6, device=device), 0.0, 1, True
+    yield random_tensor((5, 33), device, dtype), torch.rand(5, 1, device=device) * 0.1 + 0.02, 0.0, 8, True
+    yield random_tensor((2, 65), device, dtype, shift=1.0), None, 0.193249, 2, False
 
 
 def _round_clip_forward_cases(device: torch.device, dtype: torch.dtype) -> Cases:
@@ -56,10 +42,10 @@ def _round_clip_forward_cases(device: torch.device, dtype: torch.dtype) -> Cases
 
 def _round_clip_backward_cases(device: torch.device, dtype: torch.dtype) -> Cases:
     for surrogate, (x, *rest) in zip(("ste", "sigmoid", "ste", "sigmoid"), _round_clip_inputs(device, dtype)):
-        grad = _random(x.shape, device, dtype, scale=1.0)
+        grad = random_tensor(x.shape, device, dtype, scale=1.0)
 
         def compare(got, want, dtype=dtype):
-            return _sum(_count_close(g, w, dtype) for g, w in zip(got, want))
+            return sum_counts(count_close(g, w, dtype) for g, w in zip(got, want))
 
         yield (grad, x, *rest, surrogate, 4.0), compare
 
@@ -67,7 +53,7 @@ def _round_clip_backward_cases(device: torch.device, dtype: torch.dtype) -> Case
 def _weights(device: torch.device, dtype: torch.dtype) -> Iterator[tuple[Tensor, int]]:
     """Odd shapes: rows shorter than one packed word, and rows ending inside a word."""
     for shape, bits in (((7, 37), 1), ((3, 5), 2), ((19, 70), 3), ((4, 33), 4), ((9, 129), 8)):
-        yield _random(shape, device, dtype), bits
+        yield random_tensor(shape, device, dtype), bits
 
 
 def _pack_weight_cases(device: torch.device, dtype: torch.dtype) -> Cases:
@@ -82,7 +68,7 @@ def _pack_weight_cases(device: torch.device, dtype: torch.dtype) -> Cases:
 
         def compare(got, want, bits=bits, k=w.shape[1], excused=excused):
             codes = [reference.unpack_codes(packed.cpu(), bits, k) for _, packed in (got, want)]
-            return _sum((_count_exact(got[0], want[0]), _count_exact(*codes, excused)))
+            return sum_counts((_count_exact(got[0], want[0]), _count_exact(*codes, excused)))
 
         yield (w, scale_tensor, scale, bits, standardize, 1e-5), compare
 
@@ -96,10 +82,10 @@ def _dequantize_weight_cases(device: torch.device, dtype: torch.dtype) -> Cases:
 
 def _weight_quant_backward_cases(device: torch.device, dtype: torch.dtype) -> Cases:
     for surrogate, (w, bits) in zip(("ste", "sigmoid", "sigmoid", "ste", "sigmoid"), _weights(device, dtype)):
-        grad = _random(w.shape, device, dtype, scale=1.0)
+        grad = random_tensor(w.shape, device, dtype, scale=1.0)
 
         def compare(got, want, dtype=dtype):
-            return _count_close(got, want, dtype)
+            return count_close(got, want, dtype)
 
         yield (grad, w, bits, reference.DEFAULT_SCALES[True][bits], surrogate, 4.0, 1e-5), compare
 
@@ -125,57 +111,48 @@ def _lowbit_linear_cases(device: torch.device, dtype: torch.dtype) -> Cases:
     yield (x_codes, packed, scale, 4, k, bias, None, 0.02, out_scale, out_shift, None, None), _count_exact
     # Float activations quantized to 8-bit codes, the whole epilogue, requantized to uint8.
     scale, packed = _packed(n, k, 2, device)
-    x = _random((3, 2, k), device, dtype, scale=0.1, shift=0.5)
+    x = random_tensor((3, 2, k), device, dtype, scale=0.1, shift=0.5)
     args = (x, packed, scale, 2, k, bias.to(dtype), 8, 0.016528, out_scale, out_shift, 4, 0.3)
     y = reference.lowbit_linear(*args[:-2], None, None).cpu().double()
     yield args, lambda got, want, excused=rounding_ties(y / 0.3, binary=False): _count_exact(got, want, excused)
     # Weight-only: float activations times decoded codes, at one row and past the small-M path.
     for rows, bits in ((1, 1), (3, 8), (20, 3)):
         scale, packed = _packed(n, k, bits, device)
-        x = _random((rows, k), device, dtype, scale=1.0)
+        x = random_tensor((rows, k), device, dtype, scale=1.0)
 
         def compare(got, want, dtype=dtype):
-            return _count_close(got, want, dtype)
+            return count_close(got, want, dtype)
 
         yield (x, packed, scale, bits, k, None, None, None, None, None, None, None), compare
 
 
 def _quant_layer_inputs(device: torch.device, dtype: torch.dtype) -> Iterator[tuple]:
     """(x, weight, bias, weight_bits, weight_scale, act_bits, act_scale) of a training layer."""
-    weight = _random((19, 37), device, dtype, scale=0.2)
-    bias = _random((19,), device, dtype, scale=0.5)
+    weight = random_tensor((19, 37), device, dtype, scale=0.2)
+    bias = random_tensor((19,), device, dtype, scale=0.5)
     for weight_bits, act_bits in ((4, 8), (2, None), (1, 3)):
-        x = _random((2, 3, 37), device, dtype, scale=0.5, shift=0.4)
+        x = random_tensor((2, 3, 37), device, dtype, scale=0.5, shift=0.4)
         act_scale = None if act_bits is None else reference.DEFAULT_SCALES[False][act_bits]
         yield x, weight, bias, weight_bits, reference.DEFAULT_SCALES[True][weight_bits], act_bits, act_scale
 
 
-def _close(dtype: torch.dtype) -> Callable:
-    def compare(got, want):
-        if isinstance(want, Tensor):
-            return _count_close(got, want, dtype)
-        return _sum(_count_close(g, w, dtype) for g, w in zip(got, want))
-
-    return compare
-
-
 def _quant_linear_forward_cases(device: torch.device, dtype: torch.dtype) -> Cases:
     for args in _quant_layer_inputs(device, dtype):
-        yield args, _close(dtype)
+        yield args, close_to_reference(dtype)
 
 
 def _quant_linear_backward_cases(device: torch.device, dtype: torch.dtype) -> Cases:
     for surrogate, (x, weight, *rest) in zip(("ste", "sigmoid", "ste"), _quant_layer_inputs(device, dtype)):
-        grad = _random((*x.shape[:-1], weight.shape[0]), device, dtype, scale=1.0)
-        yield (grad, x, weight, *rest, surrogate), _close(dtype)
+        grad = random_tensor((*x.shape[:-1], weight.shape[0]), device, dtype, scale=1.0)
+        yield (grad, x, weight, *rest, surrogate), close_to_reference(dtype)
 
 
 def _conv_inputs(device: torch.device, dtype: torch.dtype) -> Iterator[tuple]:
     """(x, weight, bias, stride, padding, dilation, groups, weight_bits, weight_scale, act_bits, act_scale)."""
-    x = _random((2, 4, 9, 7), device, dtype, scale=0.5, shift=0.4)
+    x = random_tensor((2, 4, 9, 7), device, dtype, scale=0.5, shift=0.4)
     for weight_bits, act_bits, groups, stride in ((4, 4, 1, 1), (2, None, 2, 2)):
-        weight = _random((6, 4 // groups, 3, 3), device, dtype, scale=0.3)
-        bias = _random((6,), device, dtype, scale=0.5)
+        weight = random_tensor((6, 4 // groups, 3, 3), device, dtype, scale=0.3)
+        bias = random_tensor((6,), device, dtype, scale=0.5)
         act_scale = None if act_bits is None else reference.DEFAULT_SCALES[False][act_bits]
         conv = ([stride, stride], [1, 1], [1, 1], groups)
         yield (x, weight, bias, *conv, weight_bits, reference.DEFAULT_SCALES[True][weight_bits], act_bits, act_scale)
@@ -183,13 +160,13 @@ def _conv_inputs(device: torch.device, dtype: torch.dtype) -> Iterator[tuple]:
 
 def _quant_conv2d_forward_cases(device: torch.device, dtype: torch.dtype) -> Cases:
     for args in _conv_inputs(device, dtype):
-        yield args, _close(dtype)
+        yield args, close_to_reference(dtype)
 
 
 def _quant_conv2d_backward_cases(device: torch.device, dtype: torch.dtype) -> Cases:
     for surrogate, args in zip(("sigmoid", "ste"), _conv_inputs(device, dtype)):
         grad = torch.randn_like(reference.quant_conv2d_forward(*args))
-        yield (grad, *args, surrogate), _close(dtype)
+        yield (grad, *args, surrogate), close_to_reference(dtype)
 
 
 CASES: dict[str, Callable[[torch.device, torch.dtype], Cases]] = {
