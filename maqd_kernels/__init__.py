@@ -3,13 +3,14 @@
 The public API of SPEC.md: spike accumulation forwarding (``saf_*``, ``spike_trace``), MaQD
 round-clip quantization and low-bit matmul (``round_clip``, ``pack_weight``, ``lowbit_linear``,
 ``quant_linear``, ...), Layer-Batch Normalization and its folding (``layer_batch_norm``,
-``lbn_inference_affine``, ``fold_affine``); modules in ``maqd_kernels.nn``. Every op is a
+``lbn_inference_affine``, ``fold_affine``, ``convert_for_inference``); modules in ``maqd_kernels.nn``. Every op is a
 ``torch.library`` custom op in namespace ``maqd``; ``backends()`` says which implementations
 can run here.
 """
 
 from . import nn
 from ._backend import BackendStatus, backends
+from .convert import convert_for_inference
 from .lbn import fold_affine, layer_batch_norm, lbn_inference_affine
 from .quant import (
     PackedWeight,
@@ -30,6 +31,7 @@ __all__ = [
     "BackendStatus",
     "PackedWeight",
     "backends",
+    "convert_for_inference",
     "default_scale",
     "fold_affine",
     "layer_batch_norm",

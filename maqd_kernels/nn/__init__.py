@@ -1,14 +1,19 @@
 """Modules users swap into their models (constructor signatures from SPEC.md)."""
 
+from .inference import Dequantize, LowBitConv2d, LowBitLinear, Quantize
 from .lbn import LayerBatchNorm
 from .quant import QuantAct, QuantConv2d, QuantLinear
 from .saf import SAFConv2d, SAFLinear, SAFNeuron, SAFReadout, SpikeTrace, saf_f_last_step
 
 __all__ = [
+    "Dequantize",
     "LayerBatchNorm",
+    "LowBitConv2d",
+    "LowBitLinear",
     "QuantAct",
     "QuantConv2d",
     "QuantLinear",
+    "Quantize",
     "SAFConv2d",
     "SAFLinear",
     "SAFNeuron",

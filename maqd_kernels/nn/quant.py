@@ -50,8 +50,7 @@ class QuantLinear(nn.Module):
 
     def packed_weight(self) -> op.PackedWeight:
         """The quantized weight this layer computes with, packed for ``lowbit_linear`` (inference)."""
-        with torch.no_grad():
-            return op.pack_weight(self.weight, self.weight_bits, scale=self.weight_scale, backend=self.backend)
+        return _pack(self.weight, self.weight_bits, self.weight_scale, self.backend)
 
     def extra_repr(self) -> str:
         return (
@@ -100,11 +99,23 @@ class QuantConv2d(nn.Module):
             backend=self.backend,
         )
 
+    def packed_weight(self) -> op.PackedWeight:
+        """The quantized weight as (out_channels, in_channels * kH * kW) packed rows, the im2col
+        matmul's operand (standardized per output channel, as the forward does)."""
+        return _pack(self.weight.flatten(1), self.weight_bits, self.weight_scale, self.backend)
+
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, weight_bits={self.weight_bits}, weight_scale={self.weight_scale:.6g}"
         )
+
+
+def _pack(weight: Tensor, bits: int, scale: float, backend: str | None) -> op.PackedWeight:
+    # The training forward standardizes a float32 copy of the weight (the reference's definition),
+    # so a bf16 layer packs the codes it trains with only from float32 too.
+    with torch.no_grad():
+        return op.pack_weight(weight.float(), bits, scale=scale, backend=backend)
 
 
 class QuantAct(nn.Module):
