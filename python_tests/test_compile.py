@@ -89,3 +89,27 @@ def test_compile_low_bit_inference_chain():
     x = torch.rand(3, 12) * 2
     compiled = torch.compile(infer, fullgraph=True)
     assert torch.equal(compiled(x), infer(x))
+
+
+def test_compile_converted_model():
+    """A converted MaQD conv net (im2col of codes, fused layers, Quantize/Dequantize) compiles whole."""
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(
+        mnn.QuantAct(4),
+        mnn.QuantConv2d(3, 6, 3, padding=1, weight_bits=4),
+        mnn.LayerBatchNorm(6),
+        mnn.QuantAct(4),
+        torch.nn.Flatten(),
+        mnn.QuantLinear(6 * 5 * 5, 10, weight_bits=2),
+        mnn.LayerBatchNorm(10, groups=2),
+        mnn.QuantAct(2),
+        torch.nn.Linear(10, 4),
+    )
+    for _ in range(3):
+        model(torch.randn(8, 3, 5, 5))
+    converted = mk.convert_for_inference(model)
+    x = torch.randn(5, 3, 5, 5)
+    explanation = torch._dynamo.explain(converted)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(converted, fullgraph=True)(x), converted(x))
