@@ -15,7 +15,7 @@ import torch
 
 from .. import _backend
 from ..saf import reference as saf_reference
-from . import quant_cases
+from . import lbn_cases, quant_cases
 from .compare import GRADIENT_RTOL, count_far, count_mismatches
 
 Tensor = torch.Tensor
@@ -179,6 +179,7 @@ CASES: dict[str, Callable[[torch.device, torch.dtype], Iterator[tuple[tuple, Cal
     "saf_linear_forward": _saf_linear_forward_cases,
     "saf_linear_backward": _saf_linear_backward_cases,
     **quant_cases.CASES,
+    **lbn_cases.CASES,
 }
 
 

@@ -11,8 +11,16 @@ from . import reference
 
 Tensor = torch.Tensor
 
-_backend.declare("layer_batch_norm_forward", reference.layer_batch_norm_forward)
-_backend.declare("layer_batch_norm_backward", reference.layer_batch_norm_backward)
+_backend.declare(
+    "layer_batch_norm_forward",
+    reference.layer_batch_norm_forward,
+    triton="maqd_kernels.lbn.triton:layer_batch_norm_forward",
+)
+_backend.declare(
+    "layer_batch_norm_backward",
+    reference.layer_batch_norm_backward,
+    triton="maqd_kernels.lbn.triton:layer_batch_norm_backward",
+)
 _backend.declare("lbn_inference_affine", reference.lbn_inference_affine)
 _backend.declare("lbn_inference_affine_backward", reference.lbn_inference_affine_backward)
 _backend.declare("fold_affine", reference.fold_affine)

@@ -63,9 +63,8 @@ def layer_batch_norm_forward(
         if running_mean is not None and n == 0:  # an empty batch leaves them as they were, as in BatchNorm
             new_mean, new_var = running_mean.clone(), running_var.clone()
         elif running_mean is not None:
-            stats = running_mean.dtype
-            new_mean = ((1 - momentum) * running_mean.to(cdt) + momentum * mean).to(stats)
-            new_var = ((1 - momentum) * running_var.to(cdt) + momentum * var * (n / (n - 1))).to(stats)
+            new_mean = ((1 - momentum) * running_mean.to(cdt) + momentum * mean).to(running_mean.dtype)
+            new_var = ((1 - momentum) * running_var.to(cdt) + momentum * var * (n / (n - 1))).to(running_var.dtype)
     else:
         mean, var = running_mean.to(cdt, copy=True), running_var.to(cdt)
     rstd = 1.0 / torch.sqrt(var + round_to(cdt, eps))
