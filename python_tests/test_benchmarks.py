@@ -117,3 +117,70 @@ def test_bench_quant_rejects_bad_options():
         with pytest.raises(SystemExit):
             bench_quant.parse_args(argv)
     assert bench_quant.parse_args(["--smoke", "--bits", "4,2", "--only", "train"]).bits == [2, 4]
+
+
+def test_bench_lbn_smoke_writes_every_section(tmp_path):
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_lbn.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=BENCHMARKS.parent,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    targets = result.stdout[result.stdout.index("\ntargets") :]
+    assert "LBN + requant epilogue" in targets
+
+    with open(tmp_path / "lbn.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["section"] for r in rows} == {"machine", "train", "infer"}
+    assert not [r for r in rows if r.get("error")], "a smoke measurement failed"
+    # Every measurement has a positive time, except GroupNorm(C, C) where a group would hold a
+    # single value (the (N, C) and time-first shapes), which is skipped with a note.
+    skipped = [r for r in rows if r.get("note")]
+    assert skipped and all(r["impl"] == "groupnorm" and r["layout"] != "conv" for r in skipped), skipped
+    assert all(float(r["ms"]) > 0 for r in rows if r["section"] != "machine" and not r.get("note"))
+
+    kernels = {"reference"} | ({"triton"} if env.get("TRITON_INTERPRET") == "1" else set())
+    train = [r for r in rows if r["section"] == "train"]
+    assert {r["impl"] for r in train} >= kernels | {"compile", "batchnorm", "layernorm", "groupnorm"}
+    assert {r["layout"] for r in train} == {"conv", "linear", "time-first"}
+    assert {r["dtype"] for r in train} == {"bf16", "fp32"}
+    for kernel in kernels:
+        mine = [r for r in train if r["impl"] == kernel]
+        # groups = 1 and groups = C at each shape and dtype.
+        assert len({(r["shape"], r["dtype"], r["G"]) for r in mine}) == 12
+        assert all(r["x_compile"] and r["x_batchnorm"] and r["x_layernorm"] for r in mine)
+    assert all(r["of_copy_passes"] for r in train if r["impl"] == "triton")
+
+    lowbit = [r for r in rows if r["section"] == "infer" and r["op"] == "lowbit_linear"]
+    for kernel in kernels:
+        forms = {(r["form"], r["bits"], r["M"]) for r in lowbit if r["impl"] == kernel}
+        assert {f for f, _, _ in forms} == {"epilogue", "plain", "eager chain", "op chain", "compile chain"}
+        assert {b for _, b, _ in forms} == {"2", "4"}
+        fused = [r for r in lowbit if r["impl"] == kernel and r["form"] == "epilogue"]
+        assert all(r["vs_plain"] and r["x_eager"] and r["x_ops"] and r["x_compile"] for r in fused)
+        assert all(int(r["code_diff"]) <= 1 for r in fused)
+    fold = {(r["form"], r["impl"]) for r in rows if r["section"] == "infer" and r["op"] == "fold"}
+    assert {("Linear + eager LBN", "torch"), ("folded Linear", "torch"), ("fold_affine", "reference")} <= fold
+    for kernel in kernels:
+        assert {("Linear + LBN", kernel), ("LBN eval", kernel)} <= fold
+
+    markdown = (tmp_path / "lbn.md").read_text()
+    for heading in ("## Targets", "## (a) LayerBatchNorm training", "## (b) Inference", "## (b.v) Inference"):
+        assert heading in markdown
+
+
+def test_bench_lbn_rejects_an_unknown_section():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import bench_lbn
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    with pytest.raises(SystemExit):
+        bench_lbn.parse_args(["--smoke", "--only", "train,fold"])
+    assert bench_lbn.parse_args(["--smoke", "--only", "infer"]).only == ["infer"]
