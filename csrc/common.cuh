@@ -10,6 +10,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -37,11 +38,13 @@ MAQD_HD float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 MAQD_HD float add_rn(float a, float b) { return __fadd_rn(a, b); }
 MAQD_HD float sub_rn(float a, float b) { return __fsub_rn(a, b); }
 MAQD_HD float div_rn(float a, float b) { return __fdiv_rn(a, b); }
+MAQD_HD float sqrt_rn(float x) { return __fsqrt_rn(x); }
 #else
 MAQD_HD float mul_rn(float a, float b) { return a * b; }
 MAQD_HD float add_rn(float a, float b) { return a + b; }
 MAQD_HD float sub_rn(float a, float b) { return a - b; }
 MAQD_HD float div_rn(float a, float b) { return a / b; }
+MAQD_HD float sqrt_rn(float x) { return std::sqrt(x); }
 #endif
 
 // Calls fn with a value of the storage type that `dtype` names, so one templated body serves

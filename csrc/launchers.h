@@ -120,6 +120,43 @@ void lowbit_gemv_host(uintptr_t x, int x_dtype, uintptr_t packed, int64_t m, int
                       uintptr_t combined_scale, uintptr_t bias, uintptr_t out_scale, uintptr_t out_shift,
                       int out_bits, float out_act_scale, uintptr_t out, int out_dtype);
 
+// ---- Layer-Batch Normalization (SPEC.md section 3); the partitions and math are in lbn.cuh.
+//
+// x is viewed as (n, c, s) contiguous in `dtype`, its c channels split into `groups` groups. Small
+// vectors come in their own FloatDType codes: weight and bias (c,), running statistics (groups,),
+// each 0 when absent. `mean` and `rstd` are float32 (groups,). `sm_count` sizes the grid (the host
+// twins take the H200's 132, so that they run the partition the benchmark GPU gets); `workspace`
+// holds layer_batch_norm_workspace(...) float32 values, written before read.
+int64_t layer_batch_norm_workspace(int64_t n, int64_t c, int64_t s, int64_t groups, int dtype, bool backward,
+                                   bool training, int sm_count);
+
+// Training: the group statistics into mean / rstd and, when running_mean is given, the updated
+// statistics into new_running_mean / new_running_var (stats_dtype, momentum as torch rounds it);
+// x must have elements. Eval: mean / rstd from the running statistics. Then y (x's dtype).
+void layer_batch_norm_forward_cuda(uintptr_t x, uintptr_t weight, int weight_dtype, uintptr_t bias, int bias_dtype,
+                                   uintptr_t running_mean, uintptr_t running_var, int stats_dtype, uintptr_t y,
+                                   uintptr_t mean, uintptr_t rstd, uintptr_t new_running_mean,
+                                   uintptr_t new_running_var, uintptr_t workspace, int64_t n, int64_t c, int64_t s,
+                                   int64_t groups, int dtype, bool training, double momentum, float eps, int sm_count,
+                                   uintptr_t stream);
+void layer_batch_norm_forward_host(uintptr_t x, uintptr_t weight, int weight_dtype, uintptr_t bias, int bias_dtype,
+                                   uintptr_t running_mean, uintptr_t running_var, int stats_dtype, uintptr_t y,
+                                   uintptr_t mean, uintptr_t rstd, uintptr_t new_running_mean,
+                                   uintptr_t new_running_var, uintptr_t workspace, int64_t n, int64_t c, int64_t s,
+                                   int64_t groups, int dtype, bool training, double momentum, float eps,
+                                   int sm_count);
+
+// `grad` and `x` in `dtype` give `grad_x` (same dtype); `grad_weight` (weight_dtype) and
+// `grad_bias` (bias_dtype) are written when not 0. `weight` 0 means the identity.
+void layer_batch_norm_backward_cuda(uintptr_t grad, uintptr_t x, uintptr_t weight, int weight_dtype, uintptr_t mean,
+                                    uintptr_t rstd, uintptr_t grad_x, uintptr_t grad_weight, uintptr_t grad_bias,
+                                    int bias_dtype, uintptr_t workspace, int64_t n, int64_t c, int64_t s,
+                                    int64_t groups, int dtype, bool training, int sm_count, uintptr_t stream);
+void layer_batch_norm_backward_host(uintptr_t grad, uintptr_t x, uintptr_t weight, int weight_dtype, uintptr_t mean,
+                                    uintptr_t rstd, uintptr_t grad_x, uintptr_t grad_weight, uintptr_t grad_bias,
+                                    int bias_dtype, uintptr_t workspace, int64_t n, int64_t c, int64_t s,
+                                    int64_t groups, int dtype, bool training, int sm_count);
+
 // The CUDA runtime version _C was built against, as cudaRuntimeGetVersion reports it.
 int cuda_runtime_version();
 

@@ -132,15 +132,6 @@ MAQD_HD void store_epilogue(void* out, int64_t index, int out_dtype, const Epilo
 constexpr int kSurrogateSte = 0;
 constexpr int kSurrogateSigmoid = 1;
 
-// Correctly rounded square root on both sides (the reference's torch.sqrt).
-MAQD_HD float sqrt_rn(float x) {
-#ifdef __CUDA_ARCH__
-  return __fsqrt_rn(x);
-#else
-  return std::sqrt(x);
-#endif
-}
-
 // Whether v = x / scale lies in [q_min, q_max], where STE passes the gradient and LSQ's scale
 // gradient is q - v; the binary grid has no clipping.
 MAQD_HD bool round_clip_inside(float v, int bits, bool is_signed) {

@@ -14,11 +14,13 @@ Tensor = torch.Tensor
 _backend.declare(
     "layer_batch_norm_forward",
     reference.layer_batch_norm_forward,
+    cuda="maqd_kernels.lbn.cuda:layer_batch_norm_forward",
     triton="maqd_kernels.lbn.triton:layer_batch_norm_forward",
 )
 _backend.declare(
     "layer_batch_norm_backward",
     reference.layer_batch_norm_backward,
+    cuda="maqd_kernels.lbn.cuda:layer_batch_norm_backward",
     triton="maqd_kernels.lbn.triton:layer_batch_norm_backward",
 )
 _backend.declare("lbn_inference_affine", reference.lbn_inference_affine)
