@@ -61,7 +61,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import common
 import torch
@@ -699,21 +698,10 @@ def panels(plan: Plan, train: list[dict], infer: list[dict]) -> list[common.Pane
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="fewer shapes (train bf16, 3 shapes; infer N=K 8192, W4; fold M 1, 8192)"
+    parser = common.argument_parser(
+        __doc__, SECTIONS, "fewer shapes (train bf16, 3 shapes; infer N=K 8192, W4; fold M 1, 8192)"
     )
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one perf_counter timing each; runs on a CPU")
-    parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<gpu>/)")
-    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
-    args = parser.parse_args(argv)
-    args.only = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = set(args.only) - set(SECTIONS)
-    if unknown or not args.only:
-        parser.error(f"--only takes a comma-separated subset of {','.join(SECTIONS)}; got {sorted(unknown) or 'none'}")
-    if not args.smoke and not torch.cuda.is_available():
-        parser.error("measurements need a CUDA GPU; --smoke runs the script at tiny sizes on the CPU")
-    return args
+    return common.parse_arguments(parser, argv, SECTIONS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,7 +49,6 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import common
 import torch
@@ -797,19 +796,11 @@ def panels(plan: Plan, linear: list[dict], train: list[dict]) -> list[common.Pan
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer shapes (N=K 8192; M 1, 16, 1024, 8192; bits 2, 4)")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one perf_counter timing each; runs on a CPU")
-    parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<gpu>/)")
-    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser = common.argument_parser(__doc__, SECTIONS, "fewer shapes (N=K 8192; M 1, 16, 1024, 8192; bits 2, 4)")
     parser.add_argument(
         "--bits", help="comma-separated weight bit widths out of 1,2,4,8 (default all; 2,4 with --quick)"
     )
-    args = parser.parse_args(argv)
-    args.only = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = set(args.only) - set(SECTIONS)
-    if unknown or not args.only:
-        parser.error(f"--only takes a comma-separated subset of {','.join(SECTIONS)}; got {sorted(unknown) or 'none'}")
+    args = common.parse_arguments(parser, argv, SECTIONS)
     if args.bits is not None:
         try:
             bits = sorted({int(b) for b in args.bits.split(",") if b.strip()})
@@ -818,8 +809,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not bits or set(bits) - set(BITS):
             parser.error(f"--bits takes a comma-separated subset of 1,2,4,8; got {args.bits!r}")
         args.bits = bits
-    if not args.smoke and not torch.cuda.is_available():
-        parser.error("measurements need a CUDA GPU; --smoke runs the script at tiny sizes on the CPU")
     return args
 
 

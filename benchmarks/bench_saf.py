@@ -45,7 +45,6 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import common
 import torch
@@ -897,22 +896,9 @@ def panels(plan: Plan, ceilings: common.Ceilings, neuron, speedups, linear, vgg)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="fewer shapes (T 4, 16; N 4M, 16M; bf16), fewer iterations"
-    )
+    parser = common.argument_parser(__doc__, SECTIONS, "fewer shapes (T 4, 16; N 4M, 16M; bf16), fewer iterations")
     parser.add_argument("--full", action="store_true", help="run the slow peers at every N, not only the smallest")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one perf_counter timing each; runs on a CPU")
-    parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<gpu>/)")
-    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
-    args = parser.parse_args(argv)
-    args.only = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = set(args.only) - set(SECTIONS)
-    if unknown or not args.only:
-        parser.error(f"--only takes a comma-separated subset of {','.join(SECTIONS)}; got {sorted(unknown) or 'none'}")
-    if not args.smoke and not torch.cuda.is_available():
-        parser.error("measurements need a CUDA GPU; --smoke runs the script at tiny sizes on the CPU")
-    return args
+    return common.parse_arguments(parser, argv, SECTIONS)
 
 
 def main(argv: list[str] | None = None) -> int:

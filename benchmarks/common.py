@@ -11,6 +11,7 @@ with ``time.perf_counter`` instead: they prove the scripts run, not how fast any
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import datetime
@@ -407,3 +408,26 @@ TARGET_COLUMNS = {
     "status": "status",
     "gap": "gap",
 }
+
+
+def argument_parser(doc: str, sections: Sequence[str], quick_help: str) -> argparse.ArgumentParser:
+    """The options every benchmark script takes: --quick, --smoke, --out and --only (of `sections`);
+    a script adds its own before ``parse_arguments``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one perf_counter timing each; runs on a CPU")
+    parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<gpu>/)")
+    parser.add_argument("--only", default=",".join(sections), help=f"comma-separated subset of {','.join(sections)}")
+    return parser
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None, sections: Sequence[str]):
+    """Parses `argv`: --only becomes a list of known sections, and a run without --smoke needs a GPU."""
+    args = parser.parse_args(argv)
+    args.only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(args.only) - set(sections)
+    if unknown or not args.only:
+        parser.error(f"--only takes a comma-separated subset of {','.join(sections)}; got {sorted(unknown) or 'none'}")
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error("measurements need a CUDA GPU; --smoke runs the script at tiny sizes on the CPU")
+    return args

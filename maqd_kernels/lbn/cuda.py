@@ -14,6 +14,7 @@ import torch
 
 from .._backend import FLOAT_DTYPE_CODES
 from .._cuda_launch import _check, _extension, _launch, _ptr
+from .._library import contiguous_or_none
 
 Tensor = torch.Tensor
 
@@ -33,10 +34,6 @@ def _sm_count(device: torch.device, on_host: bool) -> int:
 def _as_three_dims(x: Tensor) -> tuple[int, int, int]:
     """x (N, C, *) as (N, C, S), S the product of the trailing dimensions (1 for 2-D x)."""
     return x.shape[0], x.shape[1], x.shape[2:].numel()
-
-
-def _contiguous(tensor: Tensor | None) -> Tensor | None:
-    return None if tensor is None else tensor.contiguous()
 
 
 def _workspace(x: Tensor, groups: int, backward: bool, training: bool, sm_count: int) -> Tensor:
@@ -69,7 +66,7 @@ def _forward(
         if tensor is not None:
             _check(name, tensor, on_host)
     xc = x.contiguous()
-    weight, bias, running_mean, running_var = map(_contiguous, (weight, bias, running_mean, running_var))
+    weight, bias, running_mean, running_var = map(contiguous_or_none, (weight, bias, running_mean, running_var))
     n, c, s = _as_three_dims(xc)
     y = torch.empty_like(xc)
     mean = torch.empty(groups, dtype=torch.float32, device=xc.device)
@@ -172,7 +169,7 @@ def _backward(
     # One storage dtype per kernel; float32 holds either exactly, and the math is float32 anyway.
     dtype = x.dtype if grad.dtype == x.dtype else torch.float32
     xc, g = x.contiguous().to(dtype), grad.contiguous().to(dtype)
-    weight = _contiguous(weight)
+    weight = contiguous_or_none(weight)
     mean, rstd = (t.to(torch.float32).contiguous() for t in (mean, rstd))
     n, c, s = _as_three_dims(xc)
     grad_x = torch.empty_like(xc)

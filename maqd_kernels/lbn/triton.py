@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._library import contiguous_or_none
 from .._triton_helpers import to_storage
 from . import reference
 
@@ -636,10 +637,6 @@ def _group_moments(x: Tensor, groups: int) -> tuple[Tensor, int]:
     return partials, part.partials_per_unit
 
 
-def _contiguous(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.contiguous()
-
-
 def layer_batch_norm_forward(
     x: Tensor,
     weight: Tensor | None,
@@ -658,8 +655,8 @@ def layer_batch_norm_forward(
     dtype, contiguous. mean, rstd: (G,) float32. The new running statistics: (G,) in their dtype
     in training, else empty float32."""
     xc = x.contiguous()
-    weight, bias = _contiguous(weight), _contiguous(bias)
-    running_mean, running_var = _contiguous(running_mean), _contiguous(running_var)
+    weight, bias = contiguous_or_none(weight), contiguous_or_none(bias)
+    running_mean, running_var = contiguous_or_none(running_mean), contiguous_or_none(running_var)
     rows, channels, plane = _matrix_shape(xc)
     y = torch.empty_like(xc)
     mean = xc.new_empty(groups, dtype=torch.float32)
@@ -719,7 +716,7 @@ def layer_batch_norm_backward(
     any of those dtypes. mean, rstd: (G,) float32 from the forward. grad_x: x's shape and dtype,
     contiguous; grad_weight / grad_bias: (C,) in weight's / bias's dtype, None where those are."""
     xc, dy = x.contiguous(), grad.contiguous()
-    weight, bias = _contiguous(weight), _contiguous(bias)
+    weight, bias = contiguous_or_none(weight), contiguous_or_none(bias)
     mean, rstd = mean.contiguous(), rstd.contiguous()
     rows, channels, plane = _matrix_shape(xc)
     grad_x = torch.empty_like(xc)
