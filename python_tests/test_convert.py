@@ -277,3 +277,17 @@ def test_lbn_trains_after_saf_layers():
     model(traces).square().mean().backward()
     assert model[0].weight.grad.abs().sum() > 0 and model[1].weight.grad.abs().sum() > 0
     assert model[1].running_var.ne(1).all()
+
+
+def test_mismatched_norm_is_left_alone_and_bad_inputs_are_refused():
+    """A LayerBatchNorm whose features are not the layer's outputs (it normalizes another axis)
+    is not folded; a fused conv names the input it expected."""
+    model = _trained(nn.Sequential(mnn.QuantLinear(6, 4, weight_bits=4), mnn.LayerBatchNorm(3)), (3, 3, 6), "cpu")
+    converted = mk.convert_for_inference(model)
+    assert isinstance(converted[0], mnn.LowBitLinear) and converted[0].out_scale is None
+    assert isinstance(converted[1], mnn.LayerBatchNorm)
+    x = _inputs((2, 3, 6), "cpu")
+    torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
+    conv = mk.convert_for_inference(nn.Sequential(mnn.QuantConv2d(3, 4, 3, weight_bits=2)))[0]
+    with pytest.raises(ValueError, match=r"expected \(N, 3, H, W\)"):
+        conv(torch.randn(2, 5, 6, 6))
