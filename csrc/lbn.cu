@@ -38,8 +38,8 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
-int next_power_of_two(int64_t v) {
-  int p = 1;
+int64_t next_power_of_two(int64_t v) {
+  int64_t p = 1;
   while (p < v) p <<= 1;
   return p;
 }
@@ -64,7 +64,8 @@ Partition plan(int64_t rows, int64_t width, int64_t run, int elem_bytes, int sm_
   p.run = run;
   p.columns = run < kMinRun;
   if (p.columns) {
-    p.threads_x = std::min(kWarpSize, next_power_of_two(ceil_div(width, wide)));
+    // Clamped before rounding up, so that rows wider than 2^32 elements cannot overflow the power of two.
+    p.threads_x = static_cast<int>(next_power_of_two(std::min<int64_t>(ceil_div(width, wide), kWarpSize)));
     p.tile_cols = static_cast<int64_t>(p.threads_x) * wide;
     p.col_tiles = ceil_div(width, p.tile_cols);
     const int64_t min_rows = std::max<int64_t>(kThreads / p.threads_x, ceil_div(kMinTileElements, p.tile_cols));

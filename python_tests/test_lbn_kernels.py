@@ -4,6 +4,9 @@ running-statistic update, backward, eval, in fp32/bf16/fp16, at every group coun
 on (N, C), (N, C, L), (N, C, H, W) and time-first inputs. On the CPU the Triton kernels run in the
 interpreter and the CUDA math through its host entry points; on a GPU every kernel runs for real."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -285,3 +288,18 @@ def test_time_first_inputs_fold_time_into_the_batch(backend, device):
     torch.testing.assert_close(time_first.running_var, flat.running_var)
     with pytest.raises(ValueError, match="time-first"):
         time_first(x[0, 0])
+
+
+@pytest.mark.skipif(_backend.cuda_extension() is None, reason="maqd_kernels._C not built")
+def test_cuda_partition_of_rows_wider_than_two_to_the_32():
+    """The CUDA planner sizes grids from int64 shapes: a (1, 2^32 + 4) input (24 GiB in float32,
+    which an H200 holds) with one-element channels goes to the column partition, whose thread count
+    once overflowed a power of two and never returned. Run in a subprocess so a regression fails
+    instead of hanging."""
+    code = (
+        "from maqd_kernels import _backend; "
+        "print(_backend.cuda_extension().layer_batch_norm_workspace(1, 2**32 + 4, 1, 1, 0, True, True, 132))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) > 0
