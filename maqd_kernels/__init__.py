@@ -3,9 +3,9 @@
 The public API of SPEC.md: spike accumulation forwarding (``saf_*``, ``spike_trace``), MaQD
 round-clip quantization and low-bit matmul (``round_clip``, ``pack_weight``, ``lowbit_linear``,
 ``quant_linear``, ...), Layer-Batch Normalization and its folding (``layer_batch_norm``,
-``lbn_inference_affine``, ``fold_affine``, ``convert_for_inference``); modules in ``maqd_kernels.nn``. Every op is a
-``torch.library`` custom op in namespace ``maqd``; ``backends()`` says which implementations
-can run here.
+``lbn_inference_affine``, ``fold_affine``, ``convert_for_inference``); modules in
+``maqd_kernels.nn``. Every op is a ``torch.library`` custom op in namespace ``maqd``;
+``backends()`` says which implementations can run here.
 """
 
 from . import nn
