@@ -116,19 +116,39 @@ class LowBitLinear(_ScalesAsState):
         act_out: tuple[int, float] | None = None,
         backend: str | None = None,
     ) -> "LowBitLinear":
-        """The fused form of an eval-mode ``layer`` (QuantLinear), the LayerBatchNorm ``norm`` after
-        it, codes of (bits, scale) ``act_in`` coming in and ``act_out`` going out."""
+        """The fused form of an eval-mode ``layer`` (QuantLinear, or QuantConv2d for
+        ``LowBitConv2d``), the LayerBatchNorm ``norm`` after it, codes of (bits, scale) ``act_in``
+        coming in and ``act_out`` going out."""
         fused = cls(
-            layer.in_features,
-            layer.out_features,
+            *cls._geometry(layer),
             layer.bias is not None,
             weight_bits=layer.weight_bits,
-            **_fusion_kwargs(layer, norm, act_in, act_out, backend),
+            act_bits=None if act_in is None else act_in[0],
+            act_scale=None if act_in is None else act_in[1],
+            folded_norm=norm is not None,
+            out_bits=None if act_out is None else act_out[0],
+            out_act_scale=None if act_out is None else act_out[1],
+            dtype=layer.weight.dtype,
+            backend=layer.backend if backend is None else backend,
         )
-        _load_fused(fused, layer, norm)
+        with torch.no_grad():
+            packed = layer.packed_weight()
+            fused.to(packed.packed.device)
+            fused.weight.load_state_dict(packed.state_dict())
+            if fused.bias is not None:
+                fused.bias.copy_(layer.bias.float())
+            if norm is not None:
+                a, b = norm.inference_affine()
+                fused.out_scale.copy_(a.float())
+                fused.out_shift.copy_(b.float())
         return fused
 
-    def _matmul(self, x: Tensor) -> Tensor:
+    @staticmethod
+    def _geometry(layer: nn.Module) -> tuple:
+        """The constructor's arguments before ``bias`` that describe `layer`'s shape."""
+        return layer.in_features, layer.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
         y = quant_op.lowbit_linear(
             x,
             self.weight,
@@ -142,9 +162,6 @@ class LowBitLinear(_ScalesAsState):
             backend=self.backend,
         )
         return y if self.out_bits is not None else y.to(self.dtype)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._matmul(x)
 
     def extra_repr(self) -> str:
         return (
@@ -173,20 +190,9 @@ class LowBitConv2d(LowBitLinear):
         self.kernel_size, self.stride, self.padding = kernel, _pair(stride), _pair(padding)
         self.in_channels, self.out_channels = in_channels, out_channels
 
-    @classmethod
-    def from_layers(cls, layer, norm=None, *, act_in=None, act_out=None, backend=None) -> "LowBitConv2d":
-        fused = cls(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            layer.stride,
-            layer.padding,
-            layer.bias is not None,
-            weight_bits=layer.weight_bits,
-            **_fusion_kwargs(layer, norm, act_in, act_out, backend),
-        )
-        _load_fused(fused, layer, norm)
-        return fused
+    @staticmethod
+    def _geometry(layer: nn.Module) -> tuple:
+        return layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -201,7 +207,7 @@ class LowBitConv2d(LowBitLinear):
         patches = nn.functional.pad(x, (pw, pw, ph, ph)).unfold(2, kh, sh).unfold(3, kw, sw)
         h_out, w_out = patches.shape[2:4]
         columns = patches.permute(0, 2, 3, 1, 4, 5).reshape(n * h_out * w_out, self.in_features)
-        y = self._matmul(columns)
+        y = super().forward(columns)
         return y.view(n, h_out, w_out, self.out_channels).permute(0, 3, 1, 2)
 
     def extra_repr(self) -> str:
@@ -219,29 +225,3 @@ def _codes_repr(module: LowBitLinear) -> str:
     codes_in = f"{module.act_bits}-bit codes" if module.act_bits else "float"
     codes_out = f"{module.out_bits}-bit codes" if module.out_bits else str(module.dtype)
     return f"weight_bits={module.weight.bits}, in={codes_in}, out={codes_out}"
-
-
-def _fusion_kwargs(layer, norm, act_in, act_out, backend) -> dict:
-    return dict(
-        act_bits=None if act_in is None else act_in[0],
-        act_scale=None if act_in is None else act_in[1],
-        folded_norm=norm is not None,
-        out_bits=None if act_out is None else act_out[0],
-        out_act_scale=None if act_out is None else act_out[1],
-        dtype=layer.weight.dtype,
-        backend=layer.backend if backend is None else backend,
-    )
-
-
-def _load_fused(fused: LowBitLinear, layer: nn.Module, norm: nn.Module | None) -> None:
-    """Packs `layer`'s quantized weight into `fused` and writes its bias and `norm`'s affine."""
-    with torch.no_grad():
-        packed = layer.packed_weight()
-        fused.to(packed.packed.device)
-        fused.weight.load_state_dict(packed.state_dict())
-        if fused.bias is not None:
-            fused.bias.copy_(layer.bias.float())
-        if norm is not None:
-            a, b = norm.inference_affine()
-            fused.out_scale.copy_(a.float())
-            fused.out_shift.copy_(b.float())
