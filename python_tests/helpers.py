@@ -46,6 +46,13 @@ def op_backends() -> list:
     return params
 
 
+def kernel_or_skip(op: str, backend: str):
+    """``launcher(op, backend)``, or a skip when `op` has no kernel on that backend."""
+    if backend.removesuffix("-host") not in _backend._OPS[op].kernels:
+        pytest.skip(f"{op} has no {backend} kernel")
+    return launcher(op, backend)
+
+
 def saf_forward(backend: str, *args):
     """The SAF neuron forward of `backend` ("reference", "cuda", "triton" or "cuda-host")."""
     return launcher("saf_neuron_forward", backend)(*args)

@@ -2,6 +2,7 @@
 mode (every section once, at tiny sizes) and must write complete tables."""
 
 import csv
+import importlib
 import os
 import subprocess
 import sys
@@ -13,13 +14,14 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def test_bench_saf_smoke_writes_every_section(tmp_path):
+def _run_smoke(script: str, out: Path) -> tuple[subprocess.CompletedProcess, dict]:
+    """Runs `script` --smoke into `out`; (the finished process, its environment)."""
     env = dict(os.environ)
     if not torch.cuda.is_available():
         # The Triton kernels then run in the interpreter; on a GPU they run for real.
         env["TRITON_INTERPRET"] = "1"
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_saf.py"), "--smoke", "--out", str(tmp_path)],
+        [sys.executable, str(BENCHMARKS / script), "--smoke", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -27,6 +29,19 @@ def test_bench_saf_smoke_writes_every_section(tmp_path):
         cwd=BENCHMARKS.parent,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result, env
+
+
+def _import_bench(name: str):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_bench_saf_smoke_writes_every_section(tmp_path):
+    result, env = _run_smoke("bench_saf.py", tmp_path)
     assert "targets" in result.stdout
 
     with open(tmp_path / "saf.csv", newline="") as f:
@@ -52,28 +67,13 @@ def test_bench_saf_smoke_writes_every_section(tmp_path):
 
 
 def test_bench_saf_rejects_an_unknown_section():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import bench_saf
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    bench_saf = _import_bench("bench_saf")
     with pytest.raises(SystemExit):
         bench_saf.parse_args(["--smoke", "--only", "neuron,convolution"])
 
 
 def test_bench_quant_smoke_writes_every_section(tmp_path):
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_quant.py"), "--smoke", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=BENCHMARKS.parent,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    result, env = _run_smoke("bench_quant.py", tmp_path)
     targets = result.stdout[result.stdout.index("\ntargets") :]
     for goal in ("W2A8", "W4A8", "W2A16", "W4A16", "train step"):
         assert goal in targets, goal
@@ -108,11 +108,7 @@ def test_bench_quant_smoke_writes_every_section(tmp_path):
 
 
 def test_bench_quant_rejects_bad_options():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import bench_quant
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    bench_quant = _import_bench("bench_quant")
     for argv in (["--smoke", "--only", "linear,conv"], ["--smoke", "--bits", "3"], ["--smoke", "--bits", "x"]):
         with pytest.raises(SystemExit):
             bench_quant.parse_args(argv)
@@ -120,18 +116,7 @@ def test_bench_quant_rejects_bad_options():
 
 
 def test_bench_lbn_smoke_writes_every_section(tmp_path):
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_lbn.py"), "--smoke", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=BENCHMARKS.parent,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    result, env = _run_smoke("bench_lbn.py", tmp_path)
     targets = result.stdout[result.stdout.index("\ntargets") :]
     assert "LBN + requant epilogue" in targets
 
@@ -176,11 +161,7 @@ def test_bench_lbn_smoke_writes_every_section(tmp_path):
 
 
 def test_bench_lbn_rejects_an_unknown_section():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import bench_lbn
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    bench_lbn = _import_bench("bench_lbn")
     with pytest.raises(SystemExit):
         bench_lbn.parse_args(["--smoke", "--only", "train,fold"])
     assert bench_lbn.parse_args(["--smoke", "--only", "infer"]).only == ["infer"]

@@ -16,7 +16,7 @@ from maqd_kernels.bench.compare import GRADIENT_RTOL
 from maqd_kernels.bench.validation import launcher
 
 import derivations
-from helpers import KERNEL_DTYPES, kernel_targets, op_backends
+from helpers import KERNEL_DTYPES, kernel_or_skip, kernel_targets, op_backends
 
 # (shape, groups): a plain (N, C) batch, one sample, lengths that end inside a vector and a
 # block, many rows of few channels (the column reduction), long planes that need several blocks
@@ -62,15 +62,9 @@ def _assert_close(got, want, dtype, name):
     torch.testing.assert_close(got.float().cpu(), want.float().cpu(), rtol=0, atol=tol, msg=name)
 
 
-def _kernel(op, backend):
-    if backend.removesuffix("-host") not in _backend._OPS[op].kernels:
-        pytest.skip(f"{op} has no {backend} kernel")
-    return launcher(op, backend)
-
-
 def _run_both(op, backend, device, *args):
     want = launcher(op, "reference")(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args])
-    got = _kernel(op, backend)(*args)
+    got = kernel_or_skip(op, backend)(*args)
     assert len(got) == len(want)
     return got, want
 
@@ -196,7 +190,9 @@ def test_statistics_are_stable_far_from_zero(backend, device):
     (E[x^2] - E[x]^2 at 1e8 has an error of about 8); the kernels' reduction must keep it."""
     x64 = torch.randn(6, 4, 513, dtype=torch.float64) + 1e4
     x = x64.float().to(device)
-    _, mean, rstd, _, _ = _kernel("layer_batch_norm_forward", backend)(x, None, None, None, None, True, 0.1, 1e-5, 2)
+    _, mean, rstd, _, _ = kernel_or_skip("layer_batch_norm_forward", backend)(
+        x, None, None, None, None, True, 0.1, 1e-5, 2
+    )
     mean64, var64, _ = derivations.group_norm_stats(x64.float().double(), 2)
     torch.testing.assert_close(mean.double().cpu(), mean64, rtol=1e-7, atol=0)
     torch.testing.assert_close(rstd.double().cpu(), 1 / torch.sqrt(var64 + 1e-5), rtol=1e-4, atol=0)
@@ -209,11 +205,11 @@ def test_strided_and_empty_inputs(backend, device):
     got, want = _run_both("layer_batch_norm_forward", backend, device, x, weight, bias, rm, rv, True, 0.1, 1e-5, 5)
     _assert_close(got[0], want[0], torch.float32, "y")
     empty = torch.empty(0, 5, 3, device=device)
-    y, _, _, new_mean, new_var = _kernel("layer_batch_norm_forward", backend)(
+    y, _, _, new_mean, new_var = kernel_or_skip("layer_batch_norm_forward", backend)(
         empty, weight, bias, rm, rv, True, 0.1, 1e-5, 5
     )
     assert y.shape == empty.shape and torch.equal(new_mean, rm) and torch.equal(new_var, rv)
-    grads = _kernel("layer_batch_norm_backward", backend)(
+    grads = kernel_or_skip("layer_batch_norm_backward", backend)(
         empty, empty, weight, bias, want[1].to(device), want[2].to(device), True, 5
     )
     assert grads[0].shape == empty.shape

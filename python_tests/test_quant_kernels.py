@@ -10,24 +10,16 @@ import pytest
 import torch
 
 import maqd_kernels as mk
-from maqd_kernels import _backend
 from maqd_kernels import nn as mnn
 from maqd_kernels.bench.compare import GRADIENT_RTOL, rounding_ties
-from maqd_kernels.bench.validation import launcher
 from maqd_kernels.quant import reference
 
-from helpers import KERNEL_DTYPES, kernel_targets, op_backends
+from helpers import KERNEL_DTYPES, kernel_or_skip, kernel_targets, op_backends
 
 ALL_BITS = range(1, 9)
 # (m, n, k): one row, three outputs, K shorter than a packed word, K ending inside a word,
 # K not a multiple of 16 (the integer kernels' padding) and a multi-tile case.
 SHAPES = [(1, 3, 5), (4, 3, 33), (7, 8, 64), (2, 1, 1), (17, 20, 100), (33, 130, 300)]
-
-
-def _kernel(op, backend):
-    if backend.removesuffix("-host") not in _backend._OPS[op].kernels:
-        pytest.skip(f"{op} has no {backend} kernel")
-    return launcher(op, backend)
 
 
 def _random(shape, dtype, device, scale=1.5, shift=0.0):
@@ -59,14 +51,14 @@ def test_round_clip_kernels_equal_reference(backend, device, dtype, bits, signed
     for scale_tensor, scale in scales:
         args = (x, scale_tensor, scale, bits, signed)
         for op in ("quantize", "round_clip_forward"):
-            got, want = _kernel(op, backend)(*args), getattr(reference, op)(*args)
+            got, want = kernel_or_skip(op, backend)(*args), getattr(reference, op)(*args)
             assert got.dtype == want.dtype and torch.equal(got.cpu(), want.cpu()), (op, scale_tensor)
 
 
 @pytest.mark.parametrize("backend,device", kernel_targets())
 def test_round_clip_kernels_round_half_to_even_and_clip(backend, device):
     x = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, 40.0, -40.0, 0.0, -0.0], device=device)
-    quantize = _kernel("quantize", backend)
+    quantize = kernel_or_skip("quantize", backend)
     assert quantize(x, None, 1.0, 8, True).tolist() == [0, 2, 2, 0, -2, 40, -40, 0, 0]
     assert quantize(x, None, 1.0, 3, True).tolist() == [0, 2, 2, 0, -2, 3, -3, 0, 0]
     assert quantize(x, None, 1.0, 2, False).tolist() == [0, 2, 2, 0, 0, 3, 0, 0, 0]
@@ -80,7 +72,7 @@ def test_round_clip_kernels_round_half_to_even_and_clip(backend, device):
             for signed in (True, False):
                 for op in ("quantize", "round_clip_forward"):
                     got, want = (
-                        _kernel(op, backend)(x, None, 0.5, bits, signed),
+                        kernel_or_skip(op, backend)(x, None, 0.5, bits, signed),
                         getattr(reference, op)(x, None, 0.5, bits, signed),
                     )
                     assert torch.equal(got.cpu(), want.cpu()), (op, dtype, bits, signed)
@@ -96,7 +88,7 @@ def test_round_clip_backward_kernels_match_reference(backend, device, dtype, bit
     for scale_tensor, scale in ((None, mk.default_scale(bits, signed)), (torch.rand(4, 1, device=device) + 0.2, 0.0)):
         args = (grad, x, scale_tensor, scale, bits, signed, surrogate, 3.0)
         (grad_x, grad_scale), (want_x, want_scale) = (
-            _kernel("round_clip_backward", backend)(*args),
+            kernel_or_skip("round_clip_backward", backend)(*args),
             (reference.round_clip_backward(*args)),
         )
         if surrogate == "ste":
@@ -123,7 +115,7 @@ def _pack_ties(w, scale_tensor, scale, bits, standardize):
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 17), (4, 33), (2, 64), (5, 300)])
 def test_pack_weight_kernels_pack_the_reference_codes(backend, device, dtype, bits, shape):
     w = _random(shape, dtype, device)
-    pack = _kernel("pack_weight", backend)
+    pack = kernel_or_skip("pack_weight", backend)
     for scale_tensor, scale, standardize in (
         (None, mk.default_scale(bits, True), True),
         (torch.rand(shape[0], 1, device=device) + 0.1, 0.0, True),
@@ -153,7 +145,7 @@ def test_dequantize_weight_kernels_equal_reference(backend, device, dtype, bits)
         codes = torch.where(codes >= 0, 1, -1).to(torch.int8)
     packed = reference.pack_codes(codes, bits).to(device)
     scale = (torch.rand(n) + 0.1).to(device)
-    dequantize = _kernel("dequantize_weight", backend)
+    dequantize = kernel_or_skip("dequantize_weight", backend)
     for channel_scale in (scale, None):
         got = dequantize(packed, channel_scale, bits, k, dtype)
         assert torch.equal(got.cpu(), reference.dequantize_weight(packed, channel_scale, bits, k, dtype).cpu())
@@ -173,7 +165,7 @@ def test_weight_quant_backward_kernels_match_reference(backend, device, dtype, b
     for shape in ((5, 37), (4, 3, 3, 3)):
         w, grad = _random(shape, dtype, device), _random(shape, dtype, device, scale=1.0)
         args = (grad, w, bits, mk.default_scale(bits, True), surrogate, 4.0, 1e-5)
-        got = _kernel("weight_quant_backward", backend)(*args)
+        got = kernel_or_skip("weight_quant_backward", backend)(*args)
         _assert_close(got, reference.weight_quant_backward(*args), dtype, str(shape))
 
 
@@ -197,7 +189,7 @@ def _epilogue(n, device, dtype=torch.float32):
 def test_lowbit_linear_integer_kernels_are_exact(backend, device, bits, m, n, k):
     """Codes in, codes or float32 out: the int32 accumulation is exact and the epilogue rounds like
     the reference, so every value is equal, including uint8 codes up to 255 and int8 codes."""
-    kernel = _kernel("lowbit_linear", backend)
+    kernel = kernel_or_skip("lowbit_linear", backend)
     scale, packed = _packed(n, k, bits, device)
     bias, out_scale, out_shift = _epilogue(n, device)
     for x in (
@@ -226,7 +218,7 @@ def test_lowbit_linear_kernels_quantize_activations_and_requantize(backend, devi
     x = _random((2, 3, k), dtype, device, scale=0.3, shift=0.3)
     act_scale, out_act_scale = mk.default_scale(act_bits, False), 0.25
     args = (x, packed, scale, bits, k, bias, act_bits, act_scale, out_scale, out_shift)
-    kernel = _kernel("lowbit_linear", backend)
+    kernel = kernel_or_skip("lowbit_linear", backend)
     y = kernel(*args, None, None)
     assert y.dtype == dtype and y.shape == (2, 3, n)
     assert torch.equal(y.cpu(), reference.lowbit_linear(*args, None, None).cpu())
@@ -247,7 +239,7 @@ def test_lowbit_linear_weight_only_kernels_match_reference(backend, device, dtyp
     scale, packed = _packed(n, k, bits, device)
     x = _random((m, k), dtype, device, scale=1.0)
     bias, out_scale, out_shift = _epilogue(n, device)
-    kernel = _kernel("lowbit_linear", backend)
+    kernel = kernel_or_skip("lowbit_linear", backend)
     for epilogue in ((None, None, None), (bias, out_scale, out_shift)):
         args = (x, packed, scale, bits, k, epilogue[0], None, None, *epilogue[1:], None, None)
         _assert_close(kernel(*args), reference.lowbit_linear(*args), dtype)
@@ -262,7 +254,7 @@ def test_lowbit_linear_weight_only_kernels_requantize(backend, device, dtype, m)
     bias, out_scale, out_shift = _epilogue(n, device)
     x = _random((m, 1, k), dtype, device, scale=0.5, shift=0.3)
     args = (x, packed, scale, 4, k, bias, None, None, out_scale, out_shift, 4, 0.3)
-    got, want = _kernel("lowbit_linear", backend)(*args), reference.lowbit_linear(*args)
+    got, want = kernel_or_skip("lowbit_linear", backend)(*args), reference.lowbit_linear(*args)
     assert got.dtype == torch.uint8 and got.shape == (m, 1, n)
     y = reference.lowbit_linear(*args[:-2], None, None).cpu().double()
     # Float sums in another order land within 1e-4 of each other: only those may round apart.
@@ -274,7 +266,7 @@ def test_lowbit_linear_weight_only_kernels_requantize(backend, device, dtype, m)
 @pytest.mark.parametrize("backend,device", kernel_targets())
 def test_quant_kernels_take_empty_and_strided_inputs(backend, device):
     scale, packed = _packed(5, 40, 4, device)
-    lowbit = _kernel("lowbit_linear", backend)
+    lowbit = kernel_or_skip("lowbit_linear", backend)
     empty = torch.empty(0, 40, device=device)
     assert lowbit(empty, packed, scale, 4, 40, None, None, None, None, None, None, None).shape == (0, 5)
     assert lowbit(empty.to(torch.uint8), packed, scale, 4, 40, None, None, 0.1, None, None, None, None).shape == (0, 5)
@@ -283,20 +275,24 @@ def test_quant_kernels_take_empty_and_strided_inputs(backend, device):
         args = (x, packed, scale, 4, 40, None, act_bits, 0.03, None, None, None, None)
         _assert_close(lowbit(*args), reference.lowbit_linear(*args), torch.float32)
     assert torch.equal(
-        _kernel("quantize", backend)(x, None, 0.1, 4, False).cpu(), reference.quantize(x, None, 0.1, 4, False).cpu()
+        kernel_or_skip("quantize", backend)(x, None, 0.1, 4, False).cpu(),
+        reference.quantize(x, None, 0.1, 4, False).cpu(),
     )
     for rows, cols in ((0, 9), (3, 0)):
-        channel_scale, packed = _kernel("pack_weight", backend)(
+        channel_scale, packed = kernel_or_skip("pack_weight", backend)(
             torch.empty(rows, cols, device=device), None, 0.5, 4, True, 1e-5
         )
         assert channel_scale.shape == (rows,) and packed.shape == (rows, -(-cols // 8))
-        dequantized = _kernel("dequantize_weight", backend)(packed, None, 4, cols, torch.float16)
+        dequantized = kernel_or_skip("dequantize_weight", backend)(packed, None, 4, cols, torch.float16)
         assert dequantized.shape == (rows, cols)
         empty = torch.empty(rows, cols, device=device)
-        assert _kernel("weight_quant_backward", backend)(empty, empty, 4, 0.3, "ste", 4.0, 1e-5).shape == (rows, cols)
+        assert kernel_or_skip("weight_quant_backward", backend)(empty, empty, 4, 0.3, "ste", 4.0, 1e-5).shape == (
+            rows,
+            cols,
+        )
     w = _random((45, 7), torch.float32, device).T
     got, want = (
-        _kernel("pack_weight", backend)(w, None, 0.5, 2, True, 1e-5),
+        kernel_or_skip("pack_weight", backend)(w, None, 0.5, 2, True, 1e-5),
         reference.pack_weight(w, None, 0.5, 2, True, 1e-5),
     )
     assert torch.equal(got[1].cpu(), want[1].cpu())
@@ -313,10 +309,10 @@ def test_quant_linear_kernels_match_reference(backend, device, dtype, weight_bit
     weight, bias = _random((19, 37), dtype, device, scale=0.2), _random((19,), dtype, device, scale=0.5)
     act_scale = None if act_bits is None else mk.default_scale(act_bits, False)
     layer = (weight_bits, mk.default_scale(weight_bits, True), act_bits, act_scale)
-    forward = _kernel("quant_linear_forward", backend)
+    forward = kernel_or_skip("quant_linear_forward", backend)
     _assert_close(forward(x, weight, bias, *layer), reference.quant_linear_forward(x, weight, bias, *layer), dtype)
     grad = _random((2, 3, 19), dtype, device, scale=1.0)
-    got = _kernel("quant_linear_backward", backend)(grad, x, weight, bias, *layer, surrogate)
+    got = kernel_or_skip("quant_linear_backward", backend)(grad, x, weight, bias, *layer, surrogate)
     want = reference.quant_linear_backward(grad, x, weight, bias, *layer, surrogate)
     for name, g, w in zip(("x", "weight", "bias"), got, want):
         _assert_close(g, w, dtype, name)
@@ -342,10 +338,10 @@ def test_quant_conv2d_kernels_match_reference(backend, device, dtype, groups, st
         act_bits,
         act_scale,
     )
-    out = _kernel("quant_conv2d_forward", backend)(*args)
+    out = kernel_or_skip("quant_conv2d_forward", backend)(*args)
     _assert_close(out, reference.quant_conv2d_forward(*args), dtype)
     grad = torch.randn_like(out)
-    got = _kernel("quant_conv2d_backward", backend)(grad, *args, "sigmoid")
+    got = kernel_or_skip("quant_conv2d_backward", backend)(grad, *args, "sigmoid")
     for name, g, w in zip(("x", "weight", "bias"), got, reference.quant_conv2d_backward(grad, *args, "sigmoid")):
         _assert_close(g, w, dtype, name)
 

@@ -12,7 +12,7 @@ from maqd_kernels import nn as mnn
 from maqd_kernels.bench.validation import launcher, near_tie_neurons
 from maqd_kernels.saf import reference, tables
 
-from helpers import KERNEL_DTYPES, assert_equal_except_ties, kernel_targets, op_backends, saf_forward
+from helpers import KERNEL_DTYPES, assert_equal_except_ties, kernel_or_skip, kernel_targets, op_backends, saf_forward
 
 STEPS = [1, 2, 5, 32]
 DECAY, THRESHOLD = 0.7, 0.85
@@ -25,12 +25,6 @@ def _u_hat(shape, dtype=torch.float32, device="cpu", spike_bits=1):
 
 def _shape(steps):
     return (steps, 3, 37) if steps < 32 else (steps, 2, 129)
-
-
-def _kernel(op, backend):
-    if backend.removesuffix("-host") not in _backend._OPS[op].kernels:
-        pytest.skip(f"{op} has no {backend} kernel")
-    return launcher(op, backend)
 
 
 def _ulp_tolerance(dtype):
@@ -85,7 +79,7 @@ def test_saf_neuron_kernels_take_empty_and_strided_inputs(backend, device):
     trace, _, _ = saf_forward(backend, strided, None, 0.5, 1.0, 1)
     expected, _, _ = reference.saf_neuron_forward(strided.contiguous().cpu(), None, 0.5, 1.0, 1)
     assert torch.equal(trace.cpu(), expected)
-    backward = _kernel("saf_neuron_backward", backend)
+    backward = kernel_or_skip("saf_neuron_backward", backend)
     for mode in ("saf_e", "saf_f"):
         grad = backward(
             empty,
@@ -111,7 +105,7 @@ def test_saf_neuron_kernels_take_empty_and_strided_inputs(backend, device):
 )
 @pytest.mark.parametrize("spike_bits", [1, 3])
 def test_saf_neuron_backward_kernels_match_reference(backend, device, dtype, steps, mode, surrogate, spike_bits):
-    backward = _kernel("saf_neuron_backward", backend)
+    backward = kernel_or_skip("saf_neuron_backward", backend)
     u = _u_hat(_shape(steps), dtype, device, spike_bits)
     state = torch.rand(u.shape[1:], device=device) * 2
     grad_trace = torch.randn(u.shape, device=device).to(dtype)
@@ -143,7 +137,7 @@ def test_spike_trace_and_readout_kernels_equal_reference(backend, device, dtype,
     for state in (None, torch.rand(x.shape[1:], device=device)):
         cpu_state = None if state is None else state.cpu()
         for op in ("spike_trace_forward", "saf_readout_forward"):
-            got = _kernel(op, backend)(x, state, DECAY)
+            got = kernel_or_skip(op, backend)(x, state, DECAY)
             expected = launcher(op, "reference")(x.cpu(), cpu_state, DECAY)
             assert got.dtype == dtype and torch.equal(got.cpu(), expected), op
 
@@ -169,7 +163,7 @@ def _linear_near(a_in, weight, bias, state, step):
 @pytest.mark.parametrize("steps", STEPS)
 @pytest.mark.parametrize("bias", [True, False])
 def test_saf_linear_forward_kernels_equal_reference(backend, device, dtype, steps, bias):
-    forward = _kernel("saf_linear_forward", backend)
+    forward = kernel_or_skip("saf_linear_forward", backend)
     a_in, weight, b, state = _linear_inputs(steps, dtype, device, bias, batch=(2, 3))
     for initial, step in ((None, 0), (state, 4)):
         trace, count = forward(a_in, weight, b, initial, DECAY, THRESHOLD, 1, step)
@@ -187,7 +181,7 @@ def test_saf_linear_forward_kernels_equal_reference(backend, device, dtype, step
 @pytest.mark.parametrize("steps", STEPS)
 @pytest.mark.parametrize("mode,spike_bits", [("saf_e", 1), ("saf_f", 1), ("saf_e", 2)])
 def test_saf_linear_backward_kernels_match_reference(backend, device, dtype, steps, mode, spike_bits):
-    backward = _kernel("saf_linear_backward", backend)
+    backward = kernel_or_skip("saf_linear_backward", backend)
     a_in, weight, b, state = _linear_inputs(steps, dtype, device, True)
     grad_trace = torch.randn(*a_in.shape[:-1], weight.shape[0], device=device).to(dtype)
     args = (state, DECAY, THRESHOLD, mode, "sigmoid", 4.0, spike_bits, 1)
