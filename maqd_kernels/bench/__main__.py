@@ -1,4 +1,5 @@
-"""python -m maqd_kernels.bench: validate every kernel available here against the reference."""
+"""python -m maqd_kernels.bench: validate every kernel available here against the reference and, on a
+GPU, benchmark every op family (see ``cli``)."""
 
 import os
 import sys

@@ -8,7 +8,8 @@ interpreter. Each op with a kernel needs a case in ``CASES``; one without is rep
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator
+import itertools
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,12 +18,17 @@ from .. import _backend
 from ..saf import reference as saf_reference
 from . import lbn_cases, quant_cases
 from .compare import GRADIENT_RTOL, count_far, count_mismatches
+from .progress import Progress
 
 Tensor = torch.Tensor
 
 
 @dataclass
 class Result:
+    """One validation: `compared` values of the kernel's output held against the reference's,
+    `mismatches` of them apart, `excused` skipped at rounding ties; `detail` says why a case
+    could not run."""
+
     op: str
     backend: str
     device: str
@@ -208,29 +214,115 @@ def kernels_here(device: torch.device) -> list[tuple[str, str]]:
     return found
 
 
-def validate(
-    device: torch.device, dtypes=_backend.KERNEL_DTYPES, progress: Callable[[str], None] | None = None
-) -> list[Result]:
-    """Runs every kernel available on `device` against the reference; one Result per op, backend and case."""
-    results = []
+def family(op: str) -> str:
+    """The family of `op` ("saf", "quant" or "lbn"): the package its reference lives in."""
+    return _backend._OPS[op].reference.__module__.split(".")[-2]
+
+
+@dataclass
+class Case:
+    """One validation to run: `op` on `backend` with `args`, held against the reference by
+    `compare`; None for an op that has a kernel but no validation case."""
+
+    op: str
+    backend: str
+    device: torch.device
+    dtype: torch.dtype | None
+    args: tuple | None
+    compare: Callable | None
+
+    @property
+    def label(self) -> str:
+        dtype = "" if self.dtype is None else f", {str(self.dtype).removeprefix('torch.')}"
+        return f"{self.op} on {self.backend}{dtype}"
+
+
+def validation_cases(
+    device: torch.device,
+    dtypes=_backend.KERNEL_DTYPES,
+    families: Collection[str] | None = None,
+    per_kernel: int | None = None,
+) -> list[Case]:
+    """Every case of every kernel available on `device` (of `families`, all when None; at most
+    `per_kernel` per op, backend and dtype when given), inputs made up front so that the count is
+    known before any runs."""
+    cases = []
     for op, backend in kernels_here(device):
-        reference, kernel = launcher(op, "reference"), launcher(op, backend)
+        if families is not None and family(op) not in families:
+            continue
         if op not in CASES:
-            results.append(Result(op, backend, device.type, "-", "-", 0, 0, 0, "no validation case for this op"))
+            cases.append(Case(op, backend, device, None, None, None))
             continue
         for dtype in dtypes:
-            for args, compare in CASES[op](device, dtype):
-                if progress is not None:
-                    progress(f"{op} on {backend}, {str(dtype).removeprefix('torch.')}")
-                shape = "x".join(map(str, args[0].shape))
-                try:
-                    compared, mismatches, excused = compare(kernel(*args), reference(*args))
-                    detail = ""
-                except Exception as error:  # a crashing kernel is a failed validation, not a crashed report
-                    compared = mismatches = excused = 0
-                    detail = f"{type(error).__name__}: {error}"
-                dtype_name = str(dtype).removeprefix("torch.")
-                results.append(
-                    Result(op, backend, device.type, dtype_name, shape, compared, mismatches, excused, detail)
-                )
+            chosen = itertools.islice(CASES[op](device, dtype), per_kernel)
+            cases += [Case(op, backend, device, dtype, args, compare) for args, compare in chosen]
+    return cases
+
+
+def run_case(case: Case) -> Result:
+    """Runs one case's kernel and the reference and compares them."""
+    if case.compare is None:
+        return Result(case.op, case.backend, case.device.type, "-", "-", 0, 0, 0, "no validation case for this op")
+    shape = "x".join(map(str, case.args[0].shape))
+    try:
+        got = launcher(case.op, case.backend)(*case.args)
+        compared, mismatches, excused = case.compare(got, launcher(case.op, "reference")(*case.args))
+        detail = ""
+    except Exception as error:  # a crashing kernel is a failed validation, not a crashed report
+        compared = mismatches = excused = 0
+        detail = f"{type(error).__name__}: {error}"
+    dtype = str(case.dtype).removeprefix("torch.")
+    return Result(case.op, case.backend, case.device.type, dtype, shape, compared, mismatches, excused, detail)
+
+
+def run_cases(cases: Sequence[Case], progress: Progress | None = None) -> list[Result]:
+    """Runs `cases` in order, advancing `progress` (whose total is ``len(cases)``) once per case."""
+    results = []
+    for case in cases:
+        if progress is not None:
+            progress.begin(case.label)
+        results.append(run_case(case))
+        if progress is not None:
+            progress.advance()
     return results
+
+
+def validate(
+    device: torch.device, dtypes=_backend.KERNEL_DTYPES, families: Collection[str] | None = None
+) -> list[Result]:
+    """Runs every kernel available on `device` (of `families`, all when None) against the
+    reference; one Result per op, backend and case."""
+    return run_cases(validation_cases(device, dtypes, families))
+
+
+RESULT_COLUMNS = {"op": "op", "backend": "backend", "dtypes": "dtypes", "cases": "cases", "compared": "compared"}
+RESULT_COLUMNS |= {"mismatches": "mismatches", "excused": "ties excused", "result": "result"}
+
+
+def summary_rows(results: Sequence[Result]) -> list[dict]:
+    """One row per op and backend: its cases, values compared, mismatches and ties excused summed
+    over dtypes and shapes, and "ok" or what failed first."""
+    groups: dict[tuple[str, str], list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.op, r.backend), []).append(r)
+    rows = []
+    for (op, backend), group in groups.items():
+        failed = [r for r in group if not r.ok]
+        first = failed[0] if failed else None
+        result = "ok"
+        if first is not None:
+            what = first.detail or f"{first.mismatches} mismatches"
+            result = f"{len(failed)} of {len(group)} failed; first: {first.dtype} {first.shape}: {what}"
+        rows.append(
+            {
+                "op": op,
+                "backend": backend,
+                "dtypes": ", ".join(dict.fromkeys(r.dtype for r in group)),
+                "cases": len(group),
+                "compared": sum(r.compared for r in group),
+                "mismatches": sum(r.mismatches for r in group),
+                "excused": sum(r.excused for r in group),
+                "result": result,
+            }
+        )
+    return rows

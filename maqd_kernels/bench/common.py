@@ -1,12 +1,13 @@
-"""What the benchmark scripts under benchmarks/ share: the machine's ceilings, timing, the run's
-header, and the CSV / Markdown / PNG writers.
+"""What the benchmark families (``saf``, ``quant``, ``lbn``) share: the machine's ceilings, timing,
+the run's header, recording measurements, the targets, and the CSV / Markdown / PNG writers.
 
-Every script reports its kernels against two ceilings measured in the same run on the same GPU
-(copy bandwidth and the bf16 matmul rate), so a number means the same thing on any machine and a
-slow run (a throttled or shared GPU) shows up in the ceilings too. Timings on the GPU come from
-``triton.testing.do_bench``: the median after warm-up, with the L2 cache flushed before every
-repetition, so data comes from HBM even for inputs smaller than L2. ``--smoke`` runs time one call
-with ``time.perf_counter`` instead: they prove the scripts run, not how fast anything is.
+Every family reports its kernels against ceilings measured once at the start of the same run on
+the same GPU (copy bandwidth, the bf16 matmul rate, and torch._int_mm's int8 rate), so a number
+means the same thing on any machine and a slow run (a throttled or shared GPU) shows up in the
+ceilings too. Timings on the GPU come from ``triton.testing.do_bench``: the median after warm-up,
+with the L2 cache flushed before every repetition, so data comes from HBM even for inputs smaller
+than L2. Smoke runs time one call with ``time.perf_counter`` instead: they prove the code runs,
+not how fast anything is.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,9 +34,11 @@ import torch
 
 import maqd_kernels
 
+from .. import _backend
+from .progress import Progress
+
 GIB = 1 << 30
 MIB = 1 << 20
-REPO = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------- timing
@@ -118,12 +122,14 @@ class IterationStats:
 @dataclass
 class Ceilings:
     """The machine's measured limits: device-to-device copy bandwidth (GB/s, bytes read plus
-    written) and the dense bf16 matmul rate (TFLOP/s), with the sizes they were measured at."""
+    written), the dense bf16 matmul rate (TFLOP/s) and torch._int_mm's int8 rate (TOP/s; None
+    where it could not be measured), with the sizes they were measured at."""
 
     copy_gbps: float
     copy_bytes: int
     matmul_tflops: float
     matmul_n: int
+    int8_tops: float | None
 
     def memory_floor_ms(self, nbytes: float) -> float:
         return nbytes / self.copy_gbps / 1e6
@@ -131,15 +137,23 @@ class Ceilings:
     def matmul_floor_ms(self, flops: float) -> float:
         return flops / self.matmul_tflops / 1e9
 
+    def text(self) -> str:
+        """One line for the terminal."""
+        int8 = f", int8 matmul {fmt(self.int8_tops)} TOP/s" if self.int8_tops else ""
+        return f"copy {self.copy_gbps:.0f} GB/s, bf16 matmul {fmt(self.matmul_tflops)} TFLOP/s{int8}"
 
-def measure_ceilings(timer: Timer, copy_bytes: int, matmul_n: int) -> Ceilings:
-    """Copies a `copy_bytes` buffer (at least 1 GiB on a GPU, so no cache holds it) and multiplies
-    two bf16 `matmul_n`-square matrices (8192 on a GPU: large enough for cuBLAS's best rate)."""
+
+def measure_ceilings(timer: Timer, smoke: bool) -> Ceilings:
+    """Copies a 1 GiB buffer (so no cache holds it) and multiplies two bf16 8192-square matrices
+    (large enough for cuBLAS's best rate), and two int8 ones with torch._int_mm; a smoke run takes
+    32 MiB and 256."""
+    copy_bytes, matmul_n = (32 * MIB, 256) if smoke else (GIB, 8192)
     return Ceilings(
         copy_gbps=2 * copy_bytes / _copy_ms(timer, copy_bytes) / 1e6,
         copy_bytes=copy_bytes,
         matmul_tflops=2 * matmul_n**3 / _matmul_ms(timer, matmul_n) / 1e9,
         matmul_n=matmul_n,
+        int8_tops=_int8_tops(timer, matmul_n),
     )
 
 
@@ -155,23 +169,56 @@ def _matmul_ms(timer: Timer, n: int) -> float:
     return timer.ms(lambda: torch.matmul(a, b))
 
 
+def _int8_tops(timer: Timer, n: int) -> float | None:
+    """TOP/s of torch._int_mm on n-square int8 matrices (B column-major, as cuBLASLt wants it)."""
+    try:
+        a = torch.randint(-127, 128, (n, n), dtype=torch.int8, device=timer.device)
+        b = torch.randint(-127, 128, (n, n), dtype=torch.int8, device=timer.device)
+        ms = timer.ms(lambda: torch._int_mm(a, b.t()))
+    except Exception as error:  # an old torch or a device without int8 GEMMs: a note, not a failure
+        print(f"note: torch._int_mm could not be measured: {type(error).__name__}: {error}")
+        return None
+    return 2 * n**3 / ms / 1e9
+
+
+def machine_rows(ceilings: Ceilings) -> list[dict]:
+    """The run's measured ceilings as rows of the "machine" section."""
+    rows = [
+        {"section": "machine", "impl": "copy", "bytes": ceilings.copy_bytes, "gbps": ceilings.copy_gbps},
+        {"section": "machine", "impl": "matmul bf16", "N": ceilings.matmul_n, "tflops": ceilings.matmul_tflops},
+    ]
+    if ceilings.int8_tops:
+        rows.append(
+            {"section": "machine", "impl": "_int_mm int8", "N": ceilings.matmul_n, "tflops": ceilings.int8_tops}
+        )
+    return rows
+
+
 # ----------------------------------------------------------------------------- the run's header
 
 
-def _commit() -> str:
-    """The checkout's commit, "-dirty" when tracked files differ from it. A copy of the tree
-    without .git (as shipped to a bare GPU machine) can name its commit in MAQD_COMMIT."""
+PACKAGE = Path(maqd_kernels.__file__).resolve().parent
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=PACKAGE, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def commit() -> str:
+    """The commit of the checkout this package runs from, "-dirty" when tracked files differ from
+    it. An installed package (site-packages, which may itself sit inside some other repository)
+    has none; a copy of the tree without .git (as shipped to a bare GPU machine) can name its
+    commit in MAQD_COMMIT."""
     if os.environ.get("MAQD_COMMIT"):
         return os.environ["MAQD_COMMIT"]
+    unknown = "unknown (not run from a git checkout; set MAQD_COMMIT)"
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip()
+        if Path(_git("rev-parse", "--show-toplevel")).resolve() != PACKAGE.parent:
+            return unknown
+        head = _git("rev-parse", "--short=12", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown (no git checkout; set MAQD_COMMIT)"
+        return unknown
     return head + ("-dirty" if dirty else "")
 
 
@@ -180,6 +227,11 @@ def _version(package: str) -> str:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
+
+
+def kernel_backends(device: torch.device) -> list[str]:
+    """The kernel backends (cuda, triton) that can run on `device`."""
+    return [backend for backend in ("cuda", "triton") if _backend._unusable_reason(backend, device) is None]
 
 
 def device_name(device: torch.device) -> str:
@@ -191,30 +243,21 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def results_dir(out: Path | None, smoke: bool, gpu: str, script: str) -> Path:
-    """Where a script writes its tables (created): ``--out``, a fresh temporary folder for smoke
-    runs, else benchmarks/results/<gpu>/."""
+def results_dir(out: Path | None, smoke: bool, default: Path) -> Path:
+    """Where a run writes its files (created): `out` when given; else a fresh temporary folder for
+    a smoke run (whose numbers mean nothing and must not overwrite a real run's), else `default`."""
     if out is None:
-        out = (
-            Path(tempfile.mkdtemp(prefix=f"{script}_smoke_")) if smoke else REPO / "benchmarks" / "results" / slug(gpu)
-        )
+        out = Path(tempfile.mkdtemp(prefix="maqd_bench_smoke_")) if smoke else default
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
-def machine_rows(ceilings: Ceilings) -> list[dict]:
-    """The run's measured ceilings as rows of the "machine" section."""
-    return [
-        {"section": "machine", "impl": "copy", "bytes": ceilings.copy_bytes, "gbps": ceilings.copy_gbps},
-        {"section": "machine", "impl": "matmul bf16", "N": ceilings.matmul_n, "tflops": ceilings.matmul_tflops},
-    ]
-
-
-def run_header(device: torch.device, ceilings: Ceilings, run: str) -> dict[str, str]:
-    """What a reader needs to reproduce or compare a table: code, machine, software, ceilings."""
-    backends = maqd_kernels.backends()
-    return {
-        "commit": _commit(),
+def run_header(device: torch.device, run: str, ceilings: Ceilings | None) -> dict[str, str]:
+    """What a reader needs to reproduce or compare a table: code, machine, software and, when the
+    run measured them, the ceilings."""
+    header = {
+        "commit": commit(),
+        "maqd_kernels": maqd_kernels.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "gpu": device_name(device),
         "torch": torch.__version__,
@@ -222,10 +265,20 @@ def run_header(device: torch.device, ceilings: Ceilings, run: str) -> dict[str, 
         "cuda": torch.version.cuda or "none",
         "python": platform.python_version(),
         "run": run,
-        "copy bandwidth": f"{ceilings.copy_gbps:.0f} GB/s (read + written, {ceilings.copy_bytes / GIB:g} GiB copy)",
-        "bf16 matmul": f"{fmt(ceilings.matmul_tflops)} TFLOP/s (torch.matmul, {ceilings.matmul_n}^3)",
-        **{f"backend {name}": ("yes: " if s.available else "no: ") + s.detail for name, s in backends.items()},
     }
+    if ceilings is not None:
+        header["copy bandwidth"] = (
+            f"{ceilings.copy_gbps:.0f} GB/s (read + written, {ceilings.copy_bytes / GIB:g} GiB copy)"
+        )
+        header["bf16 matmul"] = f"{fmt(ceilings.matmul_tflops)} TFLOP/s (torch.matmul, {ceilings.matmul_n}^3)"
+        header["int8 matmul"] = (
+            f"{fmt(ceilings.int8_tops)} TOP/s (torch._int_mm, {ceilings.matmul_n}^3)"
+            if ceilings.int8_tops
+            else "not measured"
+        )
+    for name, status in maqd_kernels.backends().items():
+        header[f"backend {name}"] = ("yes: " if status.available else "no: ") + status.detail
+    return header
 
 
 # ----------------------------------------------------------------------------- environment
@@ -314,17 +367,17 @@ class Panel:
     log: bool = False
 
 
-def write_png(path: Path, panels: Sequence[Panel]) -> bool:
+def write_png(path: Path, panels: Sequence[Panel], note: Callable[[str], None] = print) -> bool:
     """Draws `panels` one above the other into `path` with matplotlib's Agg backend (no display
-    needed). Without matplotlib it prints a note and returns False: the CSV and Markdown carry
-    every number, the plot is a convenience."""
+    needed); False when there is nothing to draw. Without matplotlib it passes a line to `note`
+    and returns False: the CSV and Markdown carry every number, the plot is a convenience."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(f"note: matplotlib is not installed, so {path.name} was not drawn (the CSV and Markdown are complete)")
+        note(f"note: matplotlib is not installed, so {path.name} was not drawn (the CSV and Markdown are complete)")
         return False
     panels = [p for p in panels if p.categories and any(v is not None for vs in p.series.values() for v in vs)]
     if not panels:
@@ -399,6 +452,19 @@ class Target:
             "gap": self.gap,
         }
 
+    def as_json(self) -> dict:
+        """The target for summary.json: its fields, status and gap."""
+        return {
+            "name": self.name,
+            "goal": self.goal,
+            "measured": self.measured,
+            "unit": self.unit,
+            "higher_is_better": self.higher,
+            "where": self.where,
+            "status": self.status,
+            "gap": self.gap,
+        }
+
 
 TARGET_COLUMNS = {
     "target": "target",
@@ -410,24 +476,185 @@ TARGET_COLUMNS = {
 }
 
 
-def argument_parser(doc: str, sections: Sequence[str], quick_help: str) -> argparse.ArgumentParser:
-    """The options every benchmark script takes: --quick, --smoke, --out and --only (of `sections`);
-    a script adds its own before ``parse_arguments``."""
+# ----------------------------------------------------------------------------- headlines
+
+
+@dataclass(frozen=True)
+class Headline:
+    """A line per group of a family's terminal summary: the spread of the row field `key` over the
+    rows of `section` that `group` names (None leaves a row out, e.g. a peer's)."""
+
+    section: str
+    key: str
+    label: str
+    group: Callable[[dict], str | None]
+
+
+def group_by(*keys: str, impls: Sequence[str] | None = None) -> Callable[[dict], str | None]:
+    """A Headline's group: the row's `keys` joined by spaces, for the rows whose impl is one of
+    `impls` (every row when None)."""
+
+    def group(row: dict) -> str | None:
+        if impls is not None and row.get("impl") not in impls:
+            return None
+        return " ".join(str(row[key]) for key in keys)
+
+    return group
+
+
+HEADLINE_COLUMNS = {"section": "section", "what": "kernel", "metric": "metric", "n": "n"}
+HEADLINE_COLUMNS |= {"min": "min", "median": "median", "max": "max"}
+
+
+def headline_rows(rows: Sequence[dict], headlines: Sequence[Headline]) -> list[dict]:
+    """For each headline and group: how many rows measured it, and its min, median and max."""
+    out = []
+    for headline in headlines:
+        groups: dict[str, list[float]] = {}
+        for row in rows:
+            if row.get("section") == headline.section and row.get(headline.key) is not None:
+                name = headline.group(row)
+                if name is not None:
+                    groups.setdefault(name, []).append(float(row[headline.key]))
+        for name, values in groups.items():
+            out.append(
+                {
+                    "section": headline.section,
+                    "what": name,
+                    "metric": headline.label,
+                    "n": len(values),
+                    "min": min(values),
+                    "median": statistics.median(values),
+                    "max": max(values),
+                }
+            )
+    return out
+
+
+# ----------------------------------------------------------------------------- running a family
+
+
+@dataclass
+class Context:
+    """What every family's run shares in one invocation: the timer, the ceilings measured at its
+    start, the run's header, the output folder and the progress bar."""
+
+    timer: Timer
+    ceilings: Ceilings
+    header: dict[str, str]
+    out_dir: Path
+    progress: Progress
+
+
+# Row fields that describe a shape's floor rather than what is measured: not in the progress label.
+UNLABELLED = {"section", "bytes", "flops", "memory_floor_ms", "matmul_floor_ms", "floor_ms", "channels", "kind"}
+
+
+class Recorder:
+    """Runs each measurement under the progress bar and keeps its row. A failure (a kernel missing
+    or broken, out of memory) is recorded in the row's `error`, its traceback's last frames
+    printed, and the run goes on, in smoke runs too: one bad kernel should not hide the others'
+    numbers. `measure` returns the row's results, or {"note": ...} for a measurement skipped on
+    purpose."""
+
+    def __init__(self, family: str, device: torch.device, progress: Progress):
+        self.family, self.device, self.progress = family, device, progress
+        self.rows: list[dict] = []
+
+    def __call__(self, row: dict, measure: Callable[[], dict]) -> dict:
+        described = " ".join(f"{k}={fmt(v)}" for k, v in row.items() if k not in UNLABELLED and v is not None)
+        self.progress.begin(f"{self.family} {row['section']}: {described}")
+        try:
+            row.update(measure())
+        except Exception as error:
+            self.progress.note(f"{self.family} {row['section']} failed: {described}\n{traceback.format_exc(limit=-3)}")
+            row["error"] = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"[:200]
+        if "error" in row and self.device.type == "cuda":
+            # Out here, where the exception and the tensors its frames held are gone.
+            torch.cuda.empty_cache()
+        self.progress.advance()
+        self.rows.append(row)
+        return row
+
+    @property
+    def errors(self) -> list[dict]:
+        return [r for r in self.rows if "error" in r]
+
+
+@dataclass
+class FamilyResult:
+    """What one family's run produced: its measurement rows (the ceilings' rows not included),
+    its targets, its terminal summary (``headline_rows``) and the files it wrote."""
+
+    family: str
+    title: str
+    rows: list[dict]
+    targets: list[Target]
+    headlines: list[dict]
+    files: list[Path]
+
+    @property
+    def errors(self) -> list[dict]:
+        return [r for r in self.rows if "error" in r]
+
+
+def write_family_files(
+    context: Context,
+    family: str,
+    title: str,
+    rows: Sequence[dict],
+    sections: Sequence[tuple[str, str]],
+    panels: Sequence[Panel],
+) -> list[Path]:
+    """<family>.csv (the ceilings' rows, then every measurement), <family>.md (the run's header,
+    then `sections`) and <family>.png (`panels`, when matplotlib can draw them); the paths written."""
+    out = context.out_dir
+    write_csv(out / f"{family}.csv", machine_rows(context.ceilings) + list(rows), context.header)
+    write_markdown(out / f"{family}.md", title, context.header, sections)
+    files = [out / f"{family}.csv", out / f"{family}.md"]
+    if write_png(out / f"{family}.png", panels, context.progress.note):
+        files.append(out / f"{family}.png")
+    return files
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def comma_subset(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """An argparse ``type``: a comma-separated, non-empty subset of `choices`, returned in the
+    order of `choices` (the order things run in)."""
+
+    def parse(text: str) -> list[str]:
+        chosen = {item.strip() for item in text.split(",") if item.strip()}
+        unknown = sorted(chosen - set(choices))
+        if unknown or not chosen:
+            raise argparse.ArgumentTypeError(
+                f"takes a comma-separated subset of {','.join(choices)}; got {','.join(unknown) or 'nothing'}"
+            )
+        return [choice for choice in choices if choice in chosen]
+
+    return parse
+
+
+def script_parser(doc: str, sections: Sequence[str], quick_help: str) -> argparse.ArgumentParser:
+    """The options every script under benchmarks/ takes: --quick, --smoke, --out and --only (of
+    `sections`); a script adds its own before ``parse_script_arguments``."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one perf_counter timing each; runs on a CPU")
     parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<gpu>/)")
-    parser.add_argument("--only", default=",".join(sections), help=f"comma-separated subset of {','.join(sections)}")
+    parser.add_argument(
+        "--only",
+        type=comma_subset(sections),
+        default=",".join(sections),
+        help=f"comma-separated subset of {','.join(sections)}",
+    )
     return parser
 
 
-def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None, sections: Sequence[str]):
-    """Parses `argv`: --only becomes a list of known sections, and a run without --smoke needs a GPU."""
+def parse_script_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parses `argv`; a run without --smoke needs a GPU."""
     args = parser.parse_args(argv)
-    args.only = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = set(args.only) - set(sections)
-    if unknown or not args.only:
-        parser.error(f"--only takes a comma-separated subset of {','.join(sections)}; got {sorted(unknown) or 'none'}")
     if not args.smoke and not torch.cuda.is_available():
         parser.error("measurements need a CUDA GPU; --smoke runs the script at tiny sizes on the CPU")
     return args
