@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from .. import _backend, _checks
-from .._library import empty_if_none, none_if_empty
+from .._library import empty_if_none, none_if_empty, run_below_autocast
 from . import reference
 
 Tensor = torch.Tensor
@@ -367,3 +367,14 @@ def fold_affine(
         _checks.shape(name, value, (channels,), "one per output channel")
     _backend.check_backward("fold_affine_backward", weight, _checks.backend(backend), weight, bias, a, b)
     return _fold_affine(weight, bias, a, b, backend)
+
+
+# torch.autocast stops at these ops' boundary (see run_below_autocast).
+run_below_autocast(
+    _layer_batch_norm,
+    _layer_batch_norm_backward,
+    _lbn_inference_affine,
+    _lbn_inference_affine_backward,
+    _fold_affine,
+    _fold_affine_backward,
+)

@@ -108,7 +108,7 @@ class SAFConv2d(SAFNeuron):
         u_hat = F.conv2d(a_in.flatten(0, 1), self.weight, None, self.stride, self.padding).unflatten(0, (steps, batch))
         if self.bias is not None:
             factors = op.saf_bias_factors(u_hat, decay=self.decay, step=step).to(u_hat.dtype)
-            u_hat = u_hat + self.bias.view(-1, 1, 1) * factors.view(-1, 1, 1, 1, 1)
+            u_hat = u_hat + self.bias.to(u_hat.dtype).view(-1, 1, 1) * factors.view(-1, 1, 1, 1, 1)
         return op.saf_neuron(u_hat, state=state, step=step, **self.neuron_kwargs())
 
     def extra_repr(self) -> str:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .. import _backend, _checks
-from .._library import empty_if_none, none_if_empty
+from .._library import autocast_dtype, cast, empty_if_none, none_if_empty, run_below_autocast
 from . import reference
 
 Tensor = torch.Tensor
@@ -660,8 +660,12 @@ def _quant_linear_grad(ctx, grad):
 _quant_linear.register_autograd(_quant_linear_grad, setup_context=_quant_layer_setup)
 
 
-def _quant_args(x: Tensor, weight: Tensor, bias, weight_bits, weight_scale, act_bits, act_scale, surrogate) -> tuple:
-    _checks.tensor("weight", weight, dtypes=(x.dtype,), device=x.device)
+def _quant_args(
+    x: Tensor, weight: Tensor, bias, weight_bits, weight_scale, act_bits, act_scale, surrogate, autocast: bool
+) -> tuple:
+    # Under torch.autocast the weight may stay float32: the op standardizes and quantizes it from
+    # float32 whatever its dtype, and only its decoded codes meet x.
+    _checks.tensor("weight", weight, dtypes=_checks.FLOAT_DTYPES if autocast else (x.dtype,), device=x.device)
     _checks.optional_tensor("bias", bias, dtypes=(x.dtype,), device=x.device)
     if bias is not None:
         _checks.shape("bias", bias, (weight.shape[0],), "out_features")
@@ -693,16 +697,20 @@ def quant_linear(
 
     Args:
         x: (*, in_features) float. weight: (out_features, in_features), x's dtype. bias: (out_features,).
+            Inside ``torch.autocast``, x and bias are cast to its dtype (the matmul runs in it, as
+            F.linear's) and the weight may keep its own: its codes come from its float32 values.
         weight_bits / act_bits: 1..8 (act_bits None leaves x unquantized).
         weight_scale / act_scale: default ``default_scale(bits, signed)``.
         surrogate: "ste" or "sigmoid" (steepness 4).
-    Returns: (*, out_features) in x's dtype.
+    Returns: (*, out_features) in x's dtype (the autocast dtype inside an autocast region).
     """
     _checks.tensor("x", x, min_dim=1)
     _checks.tensor("weight", weight, min_dim=2)
     if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
         raise ValueError(f"weight must have shape (out_features, {x.shape[-1]}) to match x; got {tuple(weight.shape)}")
-    args = _quant_args(x, weight, bias, weight_bits, weight_scale, act_bits, act_scale, surrogate)
+    dtype = autocast_dtype(x)
+    x, bias = cast(dtype, x, bias)
+    args = _quant_args(x, weight, bias, weight_bits, weight_scale, act_bits, act_scale, surrogate, dtype is not None)
     _backend.check_backward("quant_linear_backward", x, _checks.backend(backend), x, weight, bias)
     return _quant_linear(x, weight, bias, *args, backend)
 
@@ -818,8 +826,9 @@ def quant_conv2d(
 
     Args:
         x: (N, C_in, H, W) float. weight: (C_out, C_in / groups, kH, kW). bias: (C_out,).
-        stride, padding, dilation, groups: as F.conv2d (padding as ints). Others as ``quant_linear``.
-    Returns: (N, C_out, H_out, W_out) in x's dtype.
+        stride, padding, dilation, groups: as F.conv2d (padding as ints). Others as ``quant_linear``
+            (torch.autocast included).
+    Returns: (N, C_out, H_out, W_out) in x's dtype (the autocast dtype inside an autocast region).
     """
     _checks.tensor("x", x, min_dim=4)
     _checks.tensor("weight", weight, min_dim=4)
@@ -834,7 +843,9 @@ def quant_conv2d(
             f"weight of shape {tuple(weight.shape)} does not fit x with {x.shape[1]} channels in "
             f"groups={groups} (weight must be (C_out, C_in / groups, kH, kW), C_out divisible by groups)"
         )
-    args = _quant_args(x, weight, bias, weight_bits, weight_scale, act_bits, act_scale, surrogate)
+    dtype = autocast_dtype(x)
+    x, bias = cast(dtype, x, bias)
+    args = _quant_args(x, weight, bias, weight_bits, weight_scale, act_bits, act_scale, surrogate, dtype is not None)
     _backend.check_backward("quant_conv2d_backward", x, _checks.backend(backend), x, weight, bias)
     return _quant_conv2d(
         x,
@@ -847,3 +858,21 @@ def quant_conv2d(
         *args,
         _checks.backend(backend),
     )
+
+
+# torch.autocast stops at these ops' boundary (see run_below_autocast).
+run_below_autocast(
+    _weight_standardize,
+    _weight_standardize_backward,
+    _round_clip,
+    _round_clip_backward,
+    _quantize,
+    _pack_weight,
+    _unpack_weight,
+    _lowbit_linear,
+    _lowbit_linear_backward,
+    _quant_linear,
+    _quant_linear_backward,
+    _quant_conv2d,
+    _quant_conv2d_backward,
+)

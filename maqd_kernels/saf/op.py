@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from .. import _backend, _checks
-from .._library import empty_if_none, none_if_empty
+from .._library import autocast_dtype, cast, empty_if_none, none_if_empty, run_below_autocast
 from . import reference, tables
 
 Tensor = torch.Tensor
@@ -376,12 +376,16 @@ def saf_linear(
     (where OTTT needs two). Saiin et al., TMLR 2024.
 
     Args:
-        a_in: (T, *, K) input trace. weight: (N, K). bias: (N,) or None. Same dtype and device.
+        a_in: (T, *, K) input trace. weight: (N, K). bias: (N,) or None. Same dtype and device;
+            inside ``torch.autocast`` all three are cast to its dtype, as F.linear's operands are.
         Other arguments as in ``saf_neuron``; state is (*, N).
     Returns:
-        a_hat, (T, *, N) in a_in's dtype; with return_spike_count, (a_hat, spike_count).
+        a_hat, (T, *, N) in a_in's dtype (the autocast dtype inside an autocast region); with
+        return_spike_count, (a_hat, spike_count).
     """
     _checks.tensor("a_in", a_in, min_dim=2)
+    # Under torch.autocast, the matmul in the region's dtype (as F.linear); the state stays as given.
+    a_in, weight, bias = cast(autocast_dtype(a_in), a_in, weight, bias)
     _checks.tensor("weight", weight, dtypes=(a_in.dtype,), min_dim=2, device=a_in.device)
     if weight.dim() != 2 or weight.shape[1] != a_in.shape[-1]:
         raise ValueError(
@@ -549,6 +553,7 @@ def ottt_linear(s_in: Tensor, weight: Tensor, bias: Tensor | None = None, *, dec
     Args: s_in: (T, *, K) spikes; weight: (N, K); bias: (N,) or None. Returns: (T, *, N).
     """
     _checks.tensor("s_in", s_in, min_dim=2)
+    s_in, weight, bias = cast(autocast_dtype(s_in), s_in, weight, bias)  # torch.autocast: as F.linear
     _checks.tensor("weight", weight, dtypes=(s_in.dtype,), min_dim=2, device=s_in.device)
     if weight.dim() != 2 or weight.shape[1] != s_in.shape[-1]:
         raise ValueError(f"weight must have shape (out_features, {s_in.shape[-1]}); got {tuple(weight.shape)}")
@@ -556,3 +561,19 @@ def ottt_linear(s_in: Tensor, weight: Tensor, bias: Tensor | None = None, *, dec
     if bias is not None:
         _checks.shape("bias", bias, (weight.shape[0],), "out_features")
     return _ottt_linear(s_in, weight, bias, _checks.decay(decay))
+
+
+# torch.autocast stops at these ops' boundary (see run_below_autocast).
+run_below_autocast(
+    _saf_neuron,
+    _saf_neuron_backward,
+    _spike_trace,
+    _saf_readout,
+    _saf_linear,
+    _saf_linear_backward,
+    _saf_bias_factors,
+    _lif_neuron,
+    _lif_neuron_backward,
+    _ottt_linear,
+    _ottt_linear_backward,
+)
