@@ -176,6 +176,9 @@ def resolve(op: str, like: torch.Tensor, backend: str | None = None) -> Callable
 
 def check_backward(op: str, like: torch.Tensor, backend: str | None, *inputs: torch.Tensor | None) -> None:
     """Raises now, before any kernel runs, when autograd will need the backward `op` and the chosen
-    backend has no kernel for it."""
+    backend has no kernel for it. Skipped while torch.compile traces: resolving imports the
+    backend's module, which Dynamo cannot trace; a missing kernel then raises when backward runs."""
+    if torch.compiler.is_compiling():
+        return
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         resolve(op, like, backend)
