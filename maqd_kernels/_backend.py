@@ -10,8 +10,11 @@ Backends:
 
 Choice, first match wins: the call's ``backend=`` keyword, the ``MAQD_BACKEND`` environment
 variable, then the default: on a CUDA tensor the fastest kernel built for that op that takes the
-tensor's dtype (``cuda``, then ``triton``), otherwise ``reference``. An explicit choice that
-cannot run raises, naming what can.
+tensor's dtype (``cuda``, then ``triton``), otherwise ``reference``. A ``backend=`` that cannot run
+the call raises, naming what can. ``MAQD_BACKEND`` is a whole-model preference: a backend that
+cannot run here (or an unknown name) raises, but an op with no kernel in it, or an input dtype its
+kernels do not take, gets the default, so that one setting serves a model whose ops do not all
+have kernels in every backend.
 """
 
 from __future__ import annotations
@@ -143,35 +146,51 @@ def implemented_backends(op: str) -> tuple[str, ...]:
 def resolve(op: str, like: torch.Tensor, backend: str | None = None) -> Callable:
     """The implementation of `op` that runs for the tensor `like` (see the module docstring)."""
     entry = _OPS[op]
-    requested = backend or os.environ.get("MAQD_BACKEND") or None
-    if requested is None:
-        if like.device.type == "cuda" and like.dtype in KERNEL_DTYPES:
-            for name in ("cuda", "triton"):
-                if name in entry.kernels and _unusable_reason(name, like.device) is None:
-                    return _load(entry.kernels[name])
+    if backend is None:
+        preferred = os.environ.get("MAQD_BACKEND") or None
+        if preferred is not None:
+            _check_runs_here("MAQD_BACKEND=", preferred, op, like.device)
+            if preferred == "reference":
+                return entry.reference
+            if preferred in entry.kernels and like.dtype in KERNEL_DTYPES:
+                return _load(entry.kernels[preferred])
+        return _default(entry, like)
+    _check_runs_here("backend=", backend, op, like.device)
+    if backend == "reference":
         return entry.reference
-
-    source = "backend=" if backend else "MAQD_BACKEND="
-    if requested not in BACKENDS:
-        raise ValueError(f"{source}{requested!r} is not a backend; expected one of {', '.join(BACKENDS)}")
-    usable = [b for b in implemented_backends(op) if _unusable_reason(b, like.device) is None]
-    if requested == "reference":
-        return entry.reference
-    if requested not in entry.kernels:
+    if backend not in entry.kernels:
         raise ValueError(
-            f"{source}{requested!r}: maqd.{op} has no {requested} kernel; usable for it here: {', '.join(usable)}"
-        )
-    reason = _unusable_reason(requested, like.device)
-    if reason is not None:
-        raise ValueError(
-            f"{source}{requested!r} cannot run maqd.{op} here: {reason}; usable for it here: {', '.join(usable)}"
+            f"backend={backend!r}: maqd.{op} has no {backend} kernel; usable for it here: {_usable(op, like.device)}"
         )
     if like.dtype not in KERNEL_DTYPES:
         raise TypeError(
-            f"{source}{requested!r}: the {requested} kernel of maqd.{op} takes float32, bfloat16 or float16 "
+            f"backend={backend!r}: the {backend} kernel of maqd.{op} takes float32, bfloat16 or float16 "
             f"inputs, got {like.dtype}; use backend='reference' for it"
         )
-    return _load(entry.kernels[requested])
+    return _load(entry.kernels[backend])
+
+
+def _default(entry: _OpKernels, like: torch.Tensor) -> Callable:
+    if like.device.type == "cuda" and like.dtype in KERNEL_DTYPES:
+        for name in ("cuda", "triton"):
+            if name in entry.kernels and _unusable_reason(name, like.device) is None:
+                return _load(entry.kernels[name])
+    return entry.reference
+
+
+def _usable(op: str, device: torch.device) -> str:
+    return ", ".join(b for b in implemented_backends(op) if _unusable_reason(b, device) is None)
+
+
+def _check_runs_here(source: str, requested: str, op: str, device: torch.device) -> None:
+    """Raises when `requested` is not a backend, or is one that cannot run on `device` here."""
+    if requested not in BACKENDS:
+        raise ValueError(f"{source}{requested!r} is not a backend; expected one of {', '.join(BACKENDS)}")
+    reason = _unusable_reason(requested, device)
+    if reason is not None:
+        raise ValueError(
+            f"{source}{requested!r} cannot run maqd.{op} here: {reason}; usable for it here: {_usable(op, device)}"
+        )
 
 
 def check_backward(op: str, like: torch.Tensor, backend: str | None, *inputs: torch.Tensor | None) -> None:

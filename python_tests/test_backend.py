@@ -64,6 +64,24 @@ def test_explicit_choices_that_cannot_run_name_what_can():
         _backend.resolve("saf_neuron_forward", x, "numba")
 
 
+def test_environment_choice_is_a_preference_for_ops_without_its_kernel(monkeypatch):
+    """MAQD_BACKEND serves a whole model: ops with a kernel in it take that kernel, the rest their
+    default; a backend that cannot run here still raises."""
+    if _backend.triton_module() is None or not _backend.triton_interpreter():
+        pytest.skip("needs triton in the interpreter (TRITON_INTERPRET=1)")
+    x = torch.randn(3, 4)
+    monkeypatch.setenv("MAQD_BACKEND", "triton")
+    ops = _backend._OPS
+    assert _backend.resolve("saf_neuron_forward", x) is _backend._load(ops["saf_neuron_forward"].kernels["triton"])
+    assert _backend.resolve("weight_standardize_forward", x) is ops["weight_standardize_forward"].reference
+    assert _backend.resolve("saf_neuron_forward", x.double()) is ops["saf_neuron_forward"].reference
+    with pytest.raises(ValueError, match="has no triton kernel"):
+        _backend.resolve("weight_standardize_forward", x, "triton")
+    monkeypatch.setenv("MAQD_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="MAQD_BACKEND='cuda' cannot run"):
+        _backend.resolve("saf_neuron_forward", x)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_default_choice_on_gpu_is_the_fastest_kernel():
     x = torch.randn(3, 4, device="cuda")
