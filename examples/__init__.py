@@ -1,0 +1,1 @@
+"""End-to-end examples of maqd-kernels on real data: ``python examples/run_all.py``."""
