@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,3 +67,12 @@ def assert_equal_except_ties(actual: torch.Tensor, expected: torch.Tensor, near:
     assert near.float().mean() <= max_ties, "too many near-ties for a meaningful comparison"
     compared, mismatches = count_mismatches(actual, expected, near)
     assert mismatches == 0, f"{mismatches} of {compared} values differ"
+
+
+def example_modules():
+    """(examples.models, examples.train): the example model builders and their training loss
+    (``train.loss_of``). The repository root joins sys.path: examples/ is not an installed package."""
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return importlib.import_module("examples.models"), importlib.import_module("examples.train")
