@@ -72,3 +72,31 @@ def _autocast_off(op, device: str, *args):
     # Turning autocast off excludes its dispatch key, so the call below goes on to the op's kernels.
     with torch.autocast(device, enabled=False):
         return op(*args)
+
+
+def strided_like(y: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """`y` (or None), a result of `like`'s shape, laid out as ``torch.empty_like(like)``.
+
+    The custom ops follow PyTorch's convention: an output shaped like an input keeps that input's
+    memory format (channels-last, transposed, ...), as elementwise ops and batch_norm do, and their
+    fakes say so with empty_like. The kernels write contiguous tensors and eager compositions pick
+    their own layouts, so each such result passes here: returned as it is when the strides that
+    count (those of dims longer than 1, the ones Inductor's stride assertions compare) agree,
+    else copied. Compiled graphs rely on the fake's strides, so the two must never differ. (Vectors
+    need no such care: a fresh one is dense whatever the input's stride.)"""
+    if y is None:
+        return None
+    target = torch.empty_like(like, dtype=y.dtype, device="meta")
+    if all(a == b for size, a, b in zip(y.shape, y.stride(), target.stride()) if size > 1):
+        return y
+    return torch.empty_like(like, dtype=y.dtype, device=y.device).copy_(y)
+
+
+def memory_order(x: torch.Tensor) -> tuple[list[int], list[int]]:
+    """(order, inverse): x's dims from the largest stride to the smallest, and the permutation that
+    undoes it. For x dense in any dim order (channels-last, transposed) x.permute(order) is
+    contiguous, and a result of that view's shape permuted by `inverse` is laid out as
+    ``torch.empty_like(x)``: an elementwise kernel, which reads contiguous tensors, runs on the
+    view with no copy of x in and none of its result out."""
+    order = sorted(range(x.dim()), key=x.stride, reverse=True)
+    return order, sorted(range(x.dim()), key=order.__getitem__)

@@ -1,10 +1,22 @@
 """torch.library.opcheck on every custom op in namespace maqd: schema, fake (meta) impl,
-autograd registration and AOT dispatch. A new op without a case here fails the coverage test."""
+autograd registration and AOT dispatch. A new op without a case here fails the coverage test.
+
+Each case also runs with its tensors in other layouts (channels-last, transposed, sliced), where
+the real outputs must have the fake's strides, which compiled graphs rely on: through opcheck on
+the default backend, and on every backend here against the contiguous run's values. The rule: an
+output shaped like an input keeps that input's layout (``torch.empty_like``), as PyTorch's
+elementwise ops and batch_norm do; quant_conv2d's output has F.conv2d's layout (channels-last for
+a channels-last x); any other output is contiguous."""
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._pytree import tree_leaves
 
 import maqd_kernels as mk  # noqa: F401  (registers the ops)
+from maqd_kernels import _backend
+
+from helpers import op_backends
 
 ops = torch.ops.maqd
 
@@ -206,8 +218,109 @@ def test_every_registered_op_has_a_case():
     assert sorted(CASES) == REGISTERED
 
 
+def _same_values(t: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+    """`layout` holding t's values; a leaf that requires grad when t does."""
+    return layout.detach().copy_(t.detach()).requires_grad_(t.requires_grad)
+
+
+def _reordered(t: torch.Tensor) -> torch.Tensor:
+    """t channels-last when 4-D, else with its dims stored in reverse order (dense, not contiguous)."""
+    if t.dim() == 4:
+        return _same_values(t, torch.empty_like(t, memory_format=torch.channels_last))
+    order = list(range(t.dim()))[::-1]
+    return _same_values(t, torch.empty_like(t.permute(order), memory_format=torch.contiguous_format).permute(order))
+
+
+def _sliced(t: torch.Tensor) -> torch.Tensor:
+    """t as every other element of a tensor twice as long in its last dim (not dense)."""
+    return _same_values(t, t.new_empty((*t.shape[:-1], 2 * t.shape[-1]))[..., ::2])
+
+
+def layout_variants(args: tuple) -> list[tuple[str, tuple]]:
+    """(label, args) with the tensors of `args` in other layouts, values unchanged: each tensor of
+    2+ dims reordered (``_reordered``) in turn, then all of them at once (a channels-last network
+    hands its ops gradients as channels-last as its activations), then each tensor sliced."""
+    indices = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.numel() > 1]
+    reorderable = [i for i in indices if args[i].dim() >= 2]
+
+    def replaced(transform, chosen):
+        return tuple(transform(a) if i in chosen else a for i, a in enumerate(args))
+
+    variants = [(f"reordered arg {i}", replaced(_reordered, {i})) for i in reorderable]
+    if len(reorderable) > 1:
+        variants.append(("all reordered", replaced(_reordered, set(reorderable))))
+    return variants + [(f"sliced arg {i}", replaced(_sliced, {i})) for i in indices]
+
+
 @pytest.mark.parametrize("name", REGISTERED)
 def test_opcheck(name):
     op = getattr(ops, name).default
     for args in CASES[name]:
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_opcheck_layouts(name):
+    op = getattr(ops, name).default
+    for args in CASES[name]:
+        for label, variant in layout_variants(args):
+            try:
+                torch.library.opcheck(op, variant, test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
+            except Exception as error:
+                raise AssertionError(f"{name} with {label}") from error
+
+
+def _on_backend(name: str, args: tuple, backend: str, device: str) -> tuple | None:
+    """`args` on `device` asking for `backend`, or None when the op has no kernel of that backend
+    (the ops without a backend argument run their reference everywhere)."""
+    names = [argument.name for argument in getattr(ops, name).default._schema.arguments]
+    if "backend" in names:
+        kernels = _backend._OPS[name if name in _backend._OPS else f"{name}_forward"].kernels
+        if backend != "reference" and backend not in kernels:
+            return None
+    elif backend != "reference":
+        return None
+    moved = [a.detach().to(device).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args]
+    if "backend" in names:
+        moved[names.index("backend")] = backend
+    return tuple(moved)
+
+
+def _fake_outputs(op, args: tuple) -> list:
+    with FakeTensorMode() as mode:
+        return tree_leaves(op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]))
+
+
+def _significant_strides(t: torch.Tensor) -> tuple:
+    """The strides Inductor's assertions and opcheck compare: those of dims longer than 1."""
+    return tuple(stride for size, stride in zip(t.shape, t.stride()) if size > 1)
+
+
+def _backend_params() -> list:
+    return [
+        pytest.param(
+            name,
+            *target.values,
+            id=f"{name}-{target.values[0]}-{target.values[1]}",
+        )
+        for name in REGISTERED
+        for target in op_backends()
+    ]
+
+
+@pytest.mark.parametrize("name,backend,device", _backend_params())
+def test_layouts_on_every_backend(name, backend, device):
+    """Outputs from inputs in other layouts have the fake's strides and the contiguous run's values."""
+    op = getattr(ops, name).default
+    cases = [args for args in (_on_backend(name, case, backend, device) for case in CASES[name]) if args is not None]
+    if not cases:
+        pytest.skip(f"maqd.{name} has no {backend} kernel")
+    with torch.no_grad():
+        for args in cases:
+            want = tree_leaves(op(*args))
+            for label, variant in layout_variants(args):
+                outputs = zip(tree_leaves(op(*variant)), _fake_outputs(op, variant), want)
+                for index, (out, fake, expected) in enumerate(outputs):
+                    where = f"{name} output {index} with {label}"
+                    assert _significant_strides(out) == _significant_strides(fake), where
+                    torch.testing.assert_close(out, expected, msg=lambda message: f"{where}: {message}")

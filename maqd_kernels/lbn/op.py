@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from .. import _backend, _checks
-from .._library import empty_if_none, none_if_empty, run_below_autocast
+from .._library import empty_if_none, none_if_empty, run_below_autocast, strided_like
 from . import reference
 
 Tensor = torch.Tensor
@@ -46,7 +46,8 @@ def _layer_batch_norm(
     backend: Optional[str],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = _backend.resolve("layer_batch_norm_forward", x, backend)
-    return impl(x, weight, bias, running_mean, running_var, training, momentum, eps, groups)
+    y, mean, rstd, new_mean, new_var = impl(x, weight, bias, running_mean, running_var, training, momentum, eps, groups)
+    return strided_like(y, x), mean, rstd, new_mean, new_var
 
 
 @_layer_batch_norm.register_fake
@@ -73,7 +74,7 @@ def _layer_batch_norm_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     impl = _backend.resolve("layer_batch_norm_backward", x, backend)
     grad_x, grad_weight, grad_bias = impl(grad.contiguous(), x, weight, bias, mean, rstd, training, groups)
-    return grad_x, empty_if_none(grad_weight, x), empty_if_none(grad_bias, x)
+    return strided_like(grad_x, x), empty_if_none(grad_weight, x), empty_if_none(grad_bias, x)
 
 
 @_layer_batch_norm_backward.register_fake
@@ -146,7 +147,7 @@ def layer_batch_norm(
         x: (N, C, *) float; fold a time axis into N for SNN inputs.
         weight, bias: (C,) affine or None. running_mean, running_var: (G,) or None (training only).
         training: batch statistics (True) or running ones (False). 0 <= momentum <= 1; eps > 0.
-    Returns: y, shape and dtype of x.
+    Returns: y, shape, dtype and memory format of x.
     """
     _checks.tensor("x", x, min_dim=2)
     channels = x.shape[1]
@@ -299,7 +300,8 @@ def lbn_inference_affine(
 def _fold_affine(
     weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Tensor, backend: Optional[str]
 ) -> tuple[Tensor, Tensor]:
-    return _backend.resolve("fold_affine", weight, backend)(weight, bias, a, b)
+    folded_weight, folded_bias = _backend.resolve("fold_affine", weight, backend)(weight, bias, a, b)
+    return strided_like(folded_weight, weight), folded_bias
 
 
 @_fold_affine.register_fake
@@ -319,7 +321,7 @@ def _fold_affine_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     impl = _backend.resolve("fold_affine_backward", weight, backend)
     grad_w, grad_bias_in, grad_a, grad_b = impl(grad_weight, grad_bias, weight, bias, a, b)
-    return grad_w, empty_if_none(grad_bias_in, weight), grad_a, grad_b
+    return strided_like(grad_w, weight), empty_if_none(grad_bias_in, weight), grad_a, grad_b
 
 
 @_fold_affine_backward.register_fake
@@ -356,7 +358,7 @@ def fold_affine(
     W' = a (.) W, b' = a bias + b, in float32 and cast back, as torch.nn.utils.fusion does.
 
     Args: weight: (C_out, ...) float. bias: (C_out,) or None. a, b: (C_out,).
-    Returns: (W', b') in weight's dtype.
+    Returns: (W', b') in weight's dtype; W' in weight's memory format.
     """
     _checks.tensor("weight", weight, min_dim=1)
     channels = weight.shape[0]

@@ -5,9 +5,18 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch._prims_common import suggest_memory_format
 
 from .. import _backend, _checks
-from .._library import autocast_dtype, cast, empty_if_none, none_if_empty, run_below_autocast
+from .._library import (
+    autocast_dtype,
+    cast,
+    empty_if_none,
+    memory_order,
+    none_if_empty,
+    run_below_autocast,
+    strided_like,
+)
 from . import reference
 
 Tensor = torch.Tensor
@@ -72,7 +81,7 @@ def _split_scale(scale, like: Tensor, name: str = "scale") -> tuple[Tensor | Non
 
 @torch.library.custom_op("maqd::weight_standardize", mutates_args=())
 def _weight_standardize(w: Tensor, eps: float, backend: Optional[str]) -> Tensor:
-    return _backend.resolve("weight_standardize_forward", w, backend)(w, eps)
+    return strided_like(_backend.resolve("weight_standardize_forward", w, backend)(w, eps), w)
 
 
 @_weight_standardize.register_fake
@@ -82,7 +91,7 @@ def _(w, eps, backend):
 
 @torch.library.custom_op("maqd::weight_standardize_backward", mutates_args=())
 def _weight_standardize_backward(grad: Tensor, w: Tensor, eps: float, backend: Optional[str]) -> Tensor:
-    return _backend.resolve("weight_standardize_backward", w, backend)(grad.contiguous(), w, eps)
+    return strided_like(_backend.resolve("weight_standardize_backward", w, backend)(grad.contiguous(), w, eps), w)
 
 
 @_weight_standardize_backward.register_fake
@@ -108,7 +117,7 @@ def weight_standardize(w: Tensor, eps: float = 1e-5, *, backend: str | None = No
     w_hat = (w - mean_o) / sqrt(var_o + eps), biased variance. MaQD (Sawada et al.,
     arXiv 2403.14999); SPEC.md section 2.
 
-    Args: w: (out, ...) float weight with at least 2 dims. Returns: w_hat, same shape and dtype.
+    Args: w: (out, ...) float weight with at least 2 dims. Returns: w_hat, same shape, dtype and memory format.
     """
     _checks.tensor("w", w, min_dim=2)
     _backend.check_backward("weight_standardize_backward", w, _checks.backend(backend), w)
@@ -116,6 +125,15 @@ def weight_standardize(w: Tensor, eps: float = 1e-5, *, backend: str | None = No
 
 
 # ----------------------------------------------------------------------------- round_clip
+
+
+def _elementwise_order(x: Tensor, scale_tensor: Tensor | None) -> tuple[list[int], list[int]]:
+    """``memory_order(x)`` for the round-clip kernels, or the identity when the scale is a tensor of
+    several elements: the kernels read it broadcast to x's shape, so it would need permuting too."""
+    if scale_tensor is not None and scale_tensor.numel() > 1:
+        identity = list(range(x.dim()))
+        return identity, identity
+    return memory_order(x)
 
 
 @torch.library.custom_op("maqd::round_clip", mutates_args=())
@@ -129,7 +147,9 @@ def _round_clip(
     alpha: float,
     backend: Optional[str],
 ) -> Tensor:
-    return _backend.resolve("round_clip_forward", x, backend)(x, scale_tensor, scale, bits, signed)
+    order, inverse = _elementwise_order(x, scale_tensor)
+    y = _backend.resolve("round_clip_forward", x, backend)(x.permute(order), scale_tensor, scale, bits, signed)
+    return strided_like(y.permute(inverse), x)
 
 
 @_round_clip.register_fake
@@ -150,8 +170,11 @@ def _round_clip_backward(
     backend: Optional[str],
 ) -> tuple[Tensor, Tensor]:
     impl = _backend.resolve("round_clip_backward", x, backend)
-    grad_x, grad_scale = impl(grad.contiguous(), x, scale_tensor, scale, bits, signed, surrogate, alpha)
-    return grad_x, empty_if_none(grad_scale, x)
+    order, inverse = _elementwise_order(x, scale_tensor)
+    grad_x, grad_scale = impl(
+        grad.permute(order).contiguous(), x.permute(order), scale_tensor, scale, bits, signed, surrogate, alpha
+    )
+    return strided_like(grad_x.permute(inverse), x), empty_if_none(strided_like(grad_scale, scale_tensor), x)
 
 
 @_round_clip_backward.register_fake
@@ -195,7 +218,7 @@ def round_clip(
             to x (per-channel scales; it then gets LSQ's gradient, Esser et al., 2020).
         surrogate: gradient in x: "ste" (pass inside the range) or "sigmoid" (smooth staircase,
             steepness alpha).
-    Returns: scale * q in x's dtype, shape of x.
+    Returns: scale * q in x's dtype, shape and memory format.
     """
     _checks.tensor("x", x)
     _checks.integer("bits", bits, 1, MAX_BITS)
@@ -220,7 +243,9 @@ def round_clip(
 def _quantize(
     x: Tensor, scale_tensor: Optional[Tensor], scale: float, bits: int, signed: bool, backend: Optional[str]
 ) -> Tensor:
-    return _backend.resolve("quantize", x, backend)(x, scale_tensor, scale, bits, signed)
+    order, inverse = _elementwise_order(x, scale_tensor)
+    codes = _backend.resolve("quantize", x, backend)(x.permute(order), scale_tensor, scale, bits, signed)
+    return strided_like(codes.permute(inverse), x)
 
 
 @_quantize.register_fake
@@ -231,7 +256,7 @@ def _(x, scale_tensor, scale, bits, signed, backend):
 def quantize(x: Tensor, bits: int, scale: float | Tensor, *, signed: bool, backend: str | None = None) -> Tensor:
     """The integer codes of ``round_clip``: clamp(round_half_even(x / scale), q_min, q_max).
 
-    Args: as ``round_clip``. Returns: int8 codes (signed) or uint8 codes (unsigned), shape of x.
+    Args: as ``round_clip``. Returns: int8 codes (signed) or uint8 codes (unsigned), shape and memory format of x.
     Not differentiable (integer output); train through ``round_clip``.
     """
     _checks.tensor("x", x)
@@ -460,10 +485,10 @@ def _lowbit_linear_backward(
     backend: Optional[str],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     impl = _backend.resolve("lowbit_linear_backward", x, backend)
-    grads = impl(
+    grad_x, *vector_grads = impl(
         grad.contiguous(), x, packed, weight_scale, bits, in_features, bias, act_bits, act_scale, out_scale, out_shift
     )
-    return tuple(empty_if_none(g, grad) for g in grads)
+    return (empty_if_none(strided_like(grad_x, x), grad), *(empty_if_none(g, grad) for g in vector_grads))
 
 
 @_lowbit_linear_backward.register_fake
@@ -633,7 +658,7 @@ def _quant_linear_backward(
     grad_x, grad_weight, grad_bias = impl(
         grad.contiguous(), x, weight, bias, weight_bits, weight_scale, act_bits, act_scale, surrogate
     )
-    return grad_x, grad_weight, empty_if_none(grad_bias, weight)
+    return strided_like(grad_x, x), strided_like(grad_weight, weight), empty_if_none(grad_bias, weight)
 
 
 @_quant_linear_backward.register_fake
@@ -732,16 +757,32 @@ def _quant_conv2d(
     backend: Optional[str],
 ) -> Tensor:
     impl = _backend.resolve("quant_conv2d_forward", x, backend)
-    return impl(x, weight, bias, stride, padding, dilation, groups, weight_bits, weight_scale, act_bits, act_scale)
+    out = impl(x, weight, bias, stride, padding, dilation, groups, weight_bits, weight_scale, act_bits, act_scale)
+    return strided_like(out, _conv2d_output(x, weight, stride, padding, dilation, device="meta"))
 
 
 @_quant_conv2d.register_fake
 def _(x, weight, bias, stride, padding, dilation, groups, *args):
+    return _conv2d_output(x, weight, stride, padding, dilation)
+
+
+def _conv2d_output(x: Tensor, weight: Tensor, stride, padding, dilation, device=None) -> Tensor:
+    """An uninitialized tensor of quant_conv2d's output shape and layout, on `device` (x's by default).
+
+    The layout is F.conv2d's for x: channels-last when x's strides order its dims as channels-last
+    (torch's suggest_memory_format, as F.conv2d reads them), else contiguous. The weight's layout
+    plays no part (on CUDA F.conv2d also follows a channels-last weight): the kernels convolve a
+    freshly quantized, contiguous copy of it."""
     size = [
         (x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
         for i in range(2)
     ]
-    return x.new_empty((x.shape[0], weight.shape[0], *size))
+    return torch.empty(
+        (x.shape[0], weight.shape[0], *size),
+        dtype=x.dtype,
+        device=x.device if device is None else device,
+        memory_format=suggest_memory_format(x),
+    )
 
 
 @torch.library.custom_op("maqd::quant_conv2d_backward", mutates_args=())
@@ -763,7 +804,7 @@ def _quant_conv2d_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     impl = _backend.resolve("quant_conv2d_backward", x, backend)
     grad_x, grad_weight, grad_bias = impl(
-        grad.contiguous(),
+        grad.contiguous(memory_format=suggest_memory_format(x)),  # the output's layout: no copy
         x,
         weight,
         bias,
@@ -777,7 +818,7 @@ def _quant_conv2d_backward(
         act_scale,
         surrogate,
     )
-    return grad_x, grad_weight, empty_if_none(grad_bias, weight)
+    return strided_like(grad_x, x), strided_like(grad_weight, weight), empty_if_none(grad_bias, weight)
 
 
 @_quant_conv2d_backward.register_fake
@@ -828,7 +869,8 @@ def quant_conv2d(
         x: (N, C_in, H, W) float. weight: (C_out, C_in / groups, kH, kW). bias: (C_out,).
         stride, padding, dilation, groups: as F.conv2d (padding as ints). Others as ``quant_linear``
             (torch.autocast included).
-    Returns: (N, C_out, H_out, W_out) in x's dtype (the autocast dtype inside an autocast region).
+    Returns: (N, C_out, H_out, W_out) in x's dtype (the autocast dtype inside an autocast region),
+        laid out as F.conv2d lays it out: channels-last for a channels-last x, else contiguous.
     """
     _checks.tensor("x", x, min_dim=4)
     _checks.tensor("weight", weight, min_dim=4)

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from .. import _backend, _checks
-from .._library import autocast_dtype, cast, empty_if_none, none_if_empty, run_below_autocast
+from .._library import autocast_dtype, cast, empty_if_none, none_if_empty, run_below_autocast, strided_like
 from . import reference, tables
 
 Tensor = torch.Tensor
@@ -66,7 +66,8 @@ def _saf_neuron(
     backend: Optional[str],
 ) -> tuple[Tensor, Tensor, Tensor]:
     impl = _backend.resolve("saf_neuron_forward", u_hat, backend)
-    return impl(u_hat, state, decay, threshold, spike_bits, step, grad_mask)
+    trace, count, mask = impl(u_hat, state, decay, threshold, spike_bits, step, grad_mask)
+    return strided_like(trace, u_hat), count, mask
 
 
 @_saf_neuron.register_fake
@@ -94,7 +95,7 @@ def _saf_neuron_backward(
     backend: Optional[str],
 ) -> Tensor:
     impl = _backend.resolve("saf_neuron_backward", grad_trace, backend)
-    return impl(
+    grad = impl(
         grad_trace.contiguous(),
         grad_count,
         u_hat,
@@ -107,6 +108,7 @@ def _saf_neuron_backward(
         alpha,
         spike_bits,
     )
+    return strided_like(grad, grad_trace)
 
 
 @_saf_neuron_backward.register_fake
@@ -190,7 +192,7 @@ def saf_neuron(
         backend: "cuda", "triton" or "reference"; default: see ``maqd_kernels.backends()``.
 
     Returns:
-        a_hat, (T, *) in u_hat's dtype; with return_spike_count, (a_hat, spike_count).
+        a_hat, (T, *) in u_hat's dtype and memory format; with return_spike_count, (a_hat, spike_count).
     """
     _checks.tensor("u_hat", u_hat, min_dim=1)
     args = _neuron_args(decay, threshold, mode, surrogate, alpha, spike_bits, step)
@@ -206,7 +208,7 @@ def saf_neuron(
 
 @torch.library.custom_op("maqd::spike_trace", mutates_args=())
 def _spike_trace(x: Tensor, state: Optional[Tensor], decay: float, backend: Optional[str]) -> Tensor:
-    return _backend.resolve("spike_trace_forward", x, backend)(x, state, decay)
+    return strided_like(_backend.resolve("spike_trace_forward", x, backend)(x, state, decay), x)
 
 
 @_spike_trace.register_fake
@@ -228,7 +230,7 @@ def spike_trace(x: Tensor, *, decay: float = 0.5, state: Tensor | None = None, b
     Args:
         x: (T, *) float tensor. state: (*) a_hat[t0-1], default zeros. decay: 0 < lambda <= 1.
     Returns:
-        (T, *) in x's dtype. Gradient: da_hat[t]/dx[t] = 1, the recurrence detached.
+        (T, *) in x's dtype and memory format. Gradient: da_hat[t]/dx[t] = 1, the recurrence detached.
     """
     _checks.tensor("x", x, min_dim=1)
     decay = _checks.decay(decay)
@@ -241,7 +243,7 @@ def spike_trace(x: Tensor, *, decay: float = 0.5, state: Tensor | None = None, b
 
 @torch.library.custom_op("maqd::saf_readout", mutates_args=())
 def _saf_readout(u_hat: Tensor, state: Optional[Tensor], decay: float, backend: Optional[str]) -> Tensor:
-    return _backend.resolve("saf_readout_forward", u_hat, backend)(u_hat, state, decay)
+    return strided_like(_backend.resolve("saf_readout_forward", u_hat, backend)(u_hat, state, decay), u_hat)
 
 
 @_saf_readout.register_fake
@@ -261,7 +263,7 @@ def saf_readout(
     Args:
         u_hat: (T, *) float tensor. state: (*) U_hat[t0-1], default zeros. decay: 0 < lambda <= 1.
     Returns:
-        (T, *) in u_hat's dtype. Gradient: do[t]/dU_hat[t] = 1, U_hat[t-1] detached.
+        (T, *) in u_hat's dtype and memory format. Gradient: do[t]/dU_hat[t] = 1, U_hat[t-1] detached.
     """
     _checks.tensor("u_hat", u_hat, min_dim=1)
     decay = _checks.decay(decay)
@@ -330,7 +332,7 @@ def _saf_linear_backward(
         spike_bits,
         step,
     )
-    return grad_a_in, grad_weight, empty_if_none(grad_bias, weight)
+    return strided_like(grad_a_in, a_in), strided_like(grad_weight, weight), empty_if_none(grad_bias, weight)
 
 
 @_saf_linear_backward.register_fake
@@ -440,7 +442,7 @@ def saf_bias_factors(like: Tensor, *, decay: float = 0.5, step: int = 0) -> Tens
 
 @torch.library.custom_op("maqd::lif_neuron", mutates_args=())
 def _lif_neuron(current: Tensor, decay: float, threshold: float, surrogate: str, alpha: float, online: bool) -> Tensor:
-    return reference.lif_forward(current, decay, threshold)[0]
+    return strided_like(reference.lif_forward(current, decay, threshold)[0], current)
 
 
 @_lif_neuron.register_fake
@@ -453,7 +455,7 @@ def _lif_neuron_backward(
     grad: Tensor, current: Tensor, decay: float, threshold: float, surrogate: str, alpha: float, online: bool
 ) -> Tensor:
     backward = reference.ottt_neuron_backward if online else reference.lif_bptt_backward
-    return backward(grad, current, decay, threshold, surrogate, alpha)
+    return strided_like(backward(grad, current, decay, threshold, surrogate, alpha), current)
 
 
 @_lif_neuron_backward.register_fake
@@ -490,7 +492,7 @@ def lif_bptt(
     """Baseline: the soft-reset LIF neuron u[t] = lambda (u[t-1] - V s[t-1]) + I[t],
     s[t] = H(u[t] - V), trained by backpropagation through time (reset included).
 
-    Args: current: (T, *) input current I. Returns: spikes (T, *) in current's dtype.
+    Args: current: (T, *) input current I. Returns: spikes (T, *) in current's dtype and memory format.
     """
     return _lif_neuron(current, *_lif_args(current, decay, threshold, surrogate, alpha), False)
 
@@ -501,7 +503,7 @@ def ottt_neuron(
     """Baseline: the same LIF neuron as ``lif_bptt`` with OTTT's online gradient (Xiao et al.,
     NeurIPS 2022): ds[t]/dI[t] = sigma'(u[t] - V), nothing through time.
 
-    Args: current: (T, *) input current I. Returns: spikes (T, *) in current's dtype.
+    Args: current: (T, *) input current I. Returns: spikes (T, *) in current's dtype and memory format.
     """
     return _lif_neuron(current, *_lif_args(current, decay, threshold, surrogate, alpha), True)
 
@@ -521,7 +523,7 @@ def _ottt_linear_backward(
     grad: Tensor, s_in: Tensor, weight: Tensor, bias: Optional[Tensor], decay: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     grad_s_in, grad_weight, grad_bias = reference.ottt_linear_backward(grad, s_in, weight, bias, decay)
-    return grad_s_in, grad_weight, empty_if_none(grad_bias, weight)
+    return strided_like(grad_s_in, s_in), strided_like(grad_weight, weight), empty_if_none(grad_bias, weight)
 
 
 @_ottt_linear_backward.register_fake
