@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreter
+from .._library import contiguous_or_none
 from .._triton_helpers import to_storage
 from . import reference, tables
 
@@ -433,6 +434,7 @@ def _saf_linear_launch(
     rows = a_in.shape[1:-1].numel()
     a = a_in.reshape(steps, rows, inputs).contiguous()
     w = weight.contiguous()
+    bias = contiguous_or_none(bias)
     out = a.new_empty((steps, rows, features))
     count = torch.zeros((), dtype=torch.int64, device=a.device)
     if steps and rows and features:
