@@ -476,6 +476,19 @@ TARGET_COLUMNS = {
 }
 
 
+def targets_section(goals: Sequence[Target], smoke: bool, explanation: str, compiled: bool) -> tuple[str, str]:
+    """A family's Markdown "Targets" section: the targets table and how to read it, after a warning,
+    in a smoke run, that its numbers mean nothing (`compiled`: its torch.compile peers ran with
+    the aot_eager backend)."""
+    note = ""
+    if smoke:
+        how = "tiny sizes timed once with perf_counter" + (
+            ", torch.compile with the aot_eager backend" if compiled else ""
+        )
+        note = f"**Smoke run**: {how}; these numbers say that the script runs, nothing about speed.\n\n"
+    return "Targets", note + markdown_table([g.row() for g in goals], TARGET_COLUMNS) + "\n\n" + explanation
+
+
 # ----------------------------------------------------------------------------- headlines
 
 

@@ -596,19 +596,13 @@ ERROR_COLUMNS = {k: k for k in ("section", "shape", "dtype", "G", "op", "M", "N"
 
 def report(plan, ceilings, train, infer, goals, errors) -> list[tuple[str, str]]:
     """The Markdown sections, in the order a reader asks: did we meet the goals, then the detail."""
-    note = (
-        "**Smoke run**: tiny sizes timed once with perf_counter, torch.compile with the aot_eager "
-        "backend; these numbers say that the script runs, nothing about speed.\n\n"
-        if plan.smoke
-        else ""
-    )
     sections = [
-        (
-            "Targets",
-            note
-            + common.markdown_table([g.row() for g in goals], common.TARGET_COLUMNS)
-            + "\n\n`measured` is the fused call's time over the plain call's (bias only, float32 out), "
+        common.targets_section(
+            goals,
+            plan.smoke,
+            "`measured` is the fused call's time over the plain call's (bias only, float32 out), "
             "the worst over the bit widths and N = K measured at that M.",
+            compiled=True,
         )
     ]
     if train:

@@ -677,19 +677,13 @@ ERROR_COLUMNS = {k: k for k in ("section", "op", "impl", "case", "bits", "M", "N
 
 def report(plan, ceilings, linear, train, prep, goals, errors) -> list[tuple[str, str]]:
     """The Markdown sections, in the order a reader asks: did we meet the goals, then the detail."""
-    note = (
-        "**Smoke run**: tiny sizes timed once with perf_counter, torch.compile with the aot_eager "
-        "backend; these numbers say that the script runs, nothing about speed.\n\n"
-        if plan.smoke
-        else ""
-    )
     sections = [
-        (
-            "Targets",
-            note
-            + common.markdown_table([g.row() for g in goals], common.TARGET_COLUMNS)
-            + f"\n\nThe linear targets are read at N = K = {max(plan.linear_sizes)}; the training one is "
+        common.targets_section(
+            goals,
+            plan.smoke,
+            f"The linear targets are read at N = K = {max(plan.linear_sizes)}; the training one is "
             "the worst over the bit widths and M measured. `x` is the peer's time over the kernel's.",
+            compiled=True,
         )
     ]
     int_rate = ceilings.matmul_tflops * INT8_OVER_BF16

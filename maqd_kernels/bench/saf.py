@@ -760,21 +760,15 @@ def with_count_labels(rows: list[dict]) -> list[dict]:
 
 def report(plan, ceilings, neuron, speedups, linear, vgg, goals, errors) -> list[tuple[str, str]]:
     """The Markdown sections, in the order a reader asks: did we meet the goals, then the detail."""
-    note = (
-        "**Smoke run**: tiny sizes timed once with perf_counter; these numbers say that the script runs, "
-        "nothing about speed.\n\n"
-        if plan.smoke
-        else ""
-    )
     sections = [
-        (
-            "Targets",
-            note
-            + common.markdown_table([g.row() for g in goals], common.TARGET_COLUMNS)
-            + "\n\n`measured` is the worst case over the shapes a neuron or linear target covers (named under "
+        common.targets_section(
+            goals,
+            plan.smoke,
+            "`measured` is the worst case over the shapes a neuron or linear target covers (named under "
             "`at`), and for a VGG target the SAF backend with the best speedup. For the VGG rows: the paper "
             "(Saiin et al., TMLR 2024) reports 28-30% less memory and 30-63% less time for SAF than OTTT "
             "with eager code.",
+            compiled=False,
         )
     ]
     if neuron:
