@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -42,6 +40,7 @@ if str(ROOT) not in sys.path:  # run as a script: examples/ is on the path, the 
 
 from examples import data as datasets  # noqa: E402
 from examples import models  # noqa: E402
+from examples.report import markdown_table, provenance, text_table, write_csv  # noqa: E402
 from examples.train import BATCH_SIZE, LR, Conversion, History, check_conversion, fit  # noqa: E402
 
 FLOAT_BITS = 32
@@ -233,37 +232,10 @@ def table_rows(results: list[Result]) -> list[list[str]]:
     ]
 
 
-def text_table(rows: list[list[str]]) -> str:
-    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(COLUMNS)]
-    lines = [COLUMNS, ["-" * w for w in widths], *rows]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
-
-
-def markdown_table(rows: list[list[str]]) -> str:
-    lines = [COLUMNS, ["---"] * len(COLUMNS), *rows]
-    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
-
-
-def commit() -> str:
-    """The checkout's commit (with -dirty when it has changes), or "unknown" outside git."""
-    try:
-        described = subprocess.run(
-            ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True, timeout=10
-        )
-    except OSError:
-        return "unknown"
-    return described.stdout.strip() or "unknown"
-
-
 def write_markdown(path: Path, rows: list[list[str]], args: argparse.Namespace, device: torch.device, wall: float):
     settings = {
         "command": " ".join(["python examples/run_all.py", *args.argv]),
-        "commit": commit(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"cpu, {torch.get_num_threads()} threads ({platform.machine()})",
+        **provenance(device),
         "backend": os.environ.get("MAQD_BACKEND", "default (cuda/triton on a GPU, reference on the CPU)"),
         "epochs": ", ".join(f"{d} {epochs_for(d, args)}" for d in args.datasets),
         "hidden width": ", ".join(f"{d} {HIDDEN[d]}" for d in args.datasets),
@@ -285,7 +257,7 @@ def write_markdown(path: Path, rows: list[list[str]], args: argparse.Namespace, 
         "The float SAF networks have nothing to fold or fuse (no LBN, no quantized layer): they convert",
         "to themselves. Training times are the optimisation steps only, not the per-epoch evaluations.",
         "",
-        markdown_table(rows),
+        markdown_table(COLUMNS, rows),
         "",
         "## Settings",
         "",
@@ -295,13 +267,6 @@ def write_markdown(path: Path, rows: list[list[str]], args: argparse.Namespace, 
         "",
     ]
     path.write_text("\n".join(text))
-
-
-def write_csv(path: Path, rows: list[list[str]]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(COLUMNS)
-        writer.writerows(rows)
 
 
 def write_curves(csv_path: Path, png_path: Path, results: list[Result]) -> None:
@@ -350,10 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = table_rows(results)
     args.out.mkdir(parents=True, exist_ok=True)
     write_markdown(args.out / "accuracy.md", rows, args, device, wall)
-    write_csv(args.out / "accuracy.csv", rows)
+    write_csv(args.out / "accuracy.csv", COLUMNS, rows)
     write_curves(args.out / "curves.csv", args.out / "curves.png", results)
     print()
-    print(text_table(rows))
+    print(text_table(COLUMNS, rows))
     print(
         f"\n{len(results)} models in {wall:.0f} s on {device}; wrote accuracy.md, .csv, curves.csv, .png in {args.out}"
     )
