@@ -149,14 +149,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", help="kernel backend for every op (sets MAQD_BACKEND)")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
-    args.datasets = _choices(parser, "--datasets", args.datasets, datasets.DATASETS)
-    args.models = _choices(parser, "--models", args.models, CONFIG_NAMES)
+    args.datasets = choices(parser, "--datasets", args.datasets, datasets.DATASETS)
+    args.models = choices(parser, "--models", args.models, CONFIG_NAMES)
     if args.epochs is not None and args.epochs < 1:
         parser.error("--epochs must be at least 1")
     return args
 
 
-def _choices(parser: argparse.ArgumentParser, option: str, value: str, allowed: tuple[str, ...]) -> list[str]:
+def choices(parser: argparse.ArgumentParser, option: str, value: str, allowed: tuple[str, ...]) -> list[str]:
     chosen = [v.strip() for v in value.split(",") if v.strip()]
     unknown = [v for v in chosen if v not in allowed]
     if unknown or not chosen:

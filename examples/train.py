@@ -11,6 +11,7 @@ One loss per kind of model:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -84,10 +85,19 @@ def accuracy(model: nn.Module, images: Tensor, labels: Tensor) -> float:
 
 
 def fit(
-    model: nn.Module, data: Dataset, *, epochs: int, batch_size: int = BATCH_SIZE, lr: float = LR, seed: int = 0
+    model: nn.Module,
+    data: Dataset,
+    *,
+    epochs: int,
+    batch_size: int = BATCH_SIZE,
+    lr: float = LR,
+    seed: int = 0,
+    penalty: Callable[[nn.Module], Tensor] | None = None,
 ) -> History:
     """Trains `model` (on `data`'s device) with Adam and a cosine learning-rate decay to zero over
-    `epochs` epochs of shuffled mini-batches; returns the per-epoch curves."""
+    `epochs` epochs of shuffled mini-batches; returns the per-epoch curves. `penalty(model)`, called
+    after each forward, is added to the loss (e.g. ``maqd_kernels.synaptic_penalty``); the curves'
+    train loss is the task loss alone."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     batches = -(-len(data.y_train) // batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * batches)
@@ -101,7 +111,7 @@ def fit(
         for index in torch.randperm(len(data.y_train), generator=order).to(data.x_train.device).split(batch_size):
             loss = loss_of(model, data.x_train[index], data.y_train[index])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if penalty is None else loss + penalty(model)).backward()
             optimizer.step()
             schedule.step()
             total += loss.detach() * len(index)

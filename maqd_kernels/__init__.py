@@ -3,7 +3,8 @@
 The public API of SPEC.md: spike accumulation forwarding (``saf_*``, ``spike_trace``), MaQD
 round-clip quantization and low-bit matmul (``round_clip``, ``pack_weight``, ``lowbit_linear``,
 ``quant_linear``, ...), Layer-Batch Normalization and its folding (``layer_batch_norm``,
-``lbn_inference_affine``, ``fold_affine``, ``convert_for_inference``); modules in
+``lbn_inference_affine``, ``fold_affine``, ``convert_for_inference``), and the companion
+methods (``synaptic_penalty``, ``energy_report``, ...); modules in
 ``maqd_kernels.nn``. Every op is a ``torch.library`` custom op in namespace ``maqd``;
 ``backends()`` says which implementations can run here.
 """
@@ -11,6 +12,7 @@ round-clip quantization and low-bit matmul (``round_clip``, ``pack_weight``, ``l
 from . import nn
 from ._backend import BackendStatus, backends
 from .convert import convert_for_inference
+from .energy import EnergyReport, energy_report, synaptic_operations, synaptic_penalty
 from .lbn import fold_affine, layer_batch_norm, lbn_inference_affine
 from .quant import (
     PackedWeight,
@@ -29,10 +31,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendStatus",
+    "EnergyReport",
     "PackedWeight",
     "backends",
     "convert_for_inference",
     "default_scale",
+    "energy_report",
     "fold_affine",
     "layer_batch_norm",
     "lbn_inference_affine",
@@ -51,5 +55,7 @@ __all__ = [
     "saf_neuron",
     "saf_readout",
     "spike_trace",
+    "synaptic_operations",
+    "synaptic_penalty",
     "weight_standardize",
 ]

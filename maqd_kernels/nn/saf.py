@@ -33,9 +33,37 @@ class SpikeTrace(nn.Module):
         return f"decay={self.decay}"
 
 
+class SpikeRecord:
+    """What a spiking layer's most recent call emitted: `count`, the number of spikes (a 0-dim
+    float32 tensor, differentiable: ``maqd_kernels.synaptic_penalty`` back-propagates through it),
+    and `shape`, the shape of the output that carried them, time-first (T, B, *features).
+
+    Both are None before the first call. A record is never copied, pickled or saved: a deepcopy or
+    an unpickled module starts with an empty one, so a model that holds a training step's graph
+    here can still be copied (``convert_for_inference``) or saved."""
+
+    __slots__ = ("count", "shape")
+
+    def __init__(self):
+        self.count: Tensor | None = None
+        self.shape: tuple[int, ...] | None = None
+
+    def __deepcopy__(self, memo) -> SpikeRecord:
+        return SpikeRecord()
+
+    def __reduce__(self):
+        return SpikeRecord, ()
+
+    def update(self, count: Tensor, out: Tensor) -> None:
+        self.count, self.shape = count, tuple(out.shape)
+
+
 class SAFNeuron(nn.Module):
     """The SAF neuron over U_hat (T, *): returns the trace a_hat (T, *). See ``saf_neuron``;
-    `backend` as in the ops (default: chosen per call)."""
+    `backend` as in the ops (default: chosen per call).
+
+    Each call leaves the number of spikes it emitted (counted inside the kernel, at no extra cost)
+    in ``spike_record``, for ``maqd_kernels.synaptic_penalty`` and ``maqd_kernels.energy_report``."""
 
     def __init__(
         self,
@@ -51,6 +79,7 @@ class SAFNeuron(nn.Module):
         self.decay, self.threshold, self.mode = decay, threshold, mode
         self.surrogate, self.alpha, self.spike_bits = surrogate, alpha, spike_bits
         self.backend = backend
+        self.spike_record = SpikeRecord()
 
     def neuron_kwargs(self) -> dict:
         return {
@@ -64,7 +93,12 @@ class SAFNeuron(nn.Module):
         }
 
     def forward(self, u_hat: Tensor, state: Tensor | None = None, step: int = 0) -> Tensor:
-        return op.saf_neuron(u_hat, state=state, step=step, **self.neuron_kwargs())
+        return self._fire(u_hat, state, step)
+
+    def _fire(self, u_hat: Tensor, state: Tensor | None, step: int) -> Tensor:
+        trace, count = op.saf_neuron(u_hat, state=state, step=step, return_spike_count=True, **self.neuron_kwargs())
+        self.spike_record.update(count, trace)
+        return trace
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.neuron_kwargs().items())
@@ -82,7 +116,11 @@ class SAFLinear(SAFNeuron):
         _init_like_torch(self.weight, self.bias, in_features)
 
     def forward(self, a_in: Tensor, state: Tensor | None = None, step: int = 0) -> Tensor:
-        return op.saf_linear(a_in, self.weight, self.bias, state=state, step=step, **self.neuron_kwargs())
+        trace, count = op.saf_linear(
+            a_in, self.weight, self.bias, state=state, step=step, return_spike_count=True, **self.neuron_kwargs()
+        )
+        self.spike_record.update(count, trace)
+        return trace
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()
@@ -109,7 +147,7 @@ class SAFConv2d(SAFNeuron):
         if self.bias is not None:
             factors = op.saf_bias_factors(u_hat, decay=self.decay, step=step).to(u_hat.dtype)
             u_hat = u_hat + self.bias.to(u_hat.dtype).view(-1, 1, 1) * factors.view(-1, 1, 1, 1, 1)
-        return op.saf_neuron(u_hat, state=state, step=step, **self.neuron_kwargs())
+        return self._fire(u_hat, state, step)
 
     def extra_repr(self) -> str:
         return (
