@@ -14,6 +14,7 @@ from ._backend import BackendStatus, backends
 from .convert import convert_for_inference
 from .energy import EnergyReport, energy_report, synaptic_operations, synaptic_penalty
 from .lbn import fold_affine, layer_batch_norm, lbn_inference_affine
+from .prune import magnitude_prune_rnn, spectral_prune_rnn
 from .quant import (
     PackedWeight,
     default_scale,
@@ -42,6 +43,7 @@ __all__ = [
     "lbn_inference_affine",
     "lif_bptt",
     "lowbit_linear",
+    "magnitude_prune_rnn",
     "nn",
     "ottt_linear",
     "ottt_neuron",
@@ -54,6 +56,7 @@ __all__ = [
     "saf_linear",
     "saf_neuron",
     "saf_readout",
+    "spectral_prune_rnn",
     "spike_trace",
     "synaptic_operations",
     "synaptic_penalty",
