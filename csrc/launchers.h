@@ -157,6 +157,29 @@ void layer_batch_norm_backward_host(uintptr_t grad, uintptr_t x, uintptr_t weigh
                                     int bias_dtype, uintptr_t workspace, int64_t n, int64_t c, int64_t s,
                                     int64_t groups, int dtype, bool training, int sm_count);
 
+// ---- Postsynaptic-potential normalization (SPEC.md section 4): the LBN passes above with mean 0 and
+// the raw second moment E[x^2] per group in place of the variance (no n / (n - 1)); the workspace
+// is layer_batch_norm_workspace(...)'s. running_moment / new_running_moment (groups,) in stats_dtype,
+// 0 when absent; rstd float32 (groups,).
+void psp_norm_forward_cuda(uintptr_t x, uintptr_t weight, int weight_dtype, uintptr_t bias, int bias_dtype,
+                           uintptr_t running_moment, int stats_dtype, uintptr_t y, uintptr_t rstd,
+                           uintptr_t new_running_moment, uintptr_t workspace, int64_t n, int64_t c, int64_t s,
+                           int64_t groups, int dtype, bool training, double momentum, float eps, int sm_count,
+                           uintptr_t stream);
+void psp_norm_forward_host(uintptr_t x, uintptr_t weight, int weight_dtype, uintptr_t bias, int bias_dtype,
+                           uintptr_t running_moment, int stats_dtype, uintptr_t y, uintptr_t rstd,
+                           uintptr_t new_running_moment, uintptr_t workspace, int64_t n, int64_t c, int64_t s,
+                           int64_t groups, int dtype, bool training, double momentum, float eps, int sm_count);
+// In training dx = rstd (w dy - x_hat mean_g(w dy x_hat)), x_hat = x rstd; in eval w dy rstd.
+void psp_norm_backward_cuda(uintptr_t grad, uintptr_t x, uintptr_t weight, int weight_dtype, uintptr_t rstd,
+                            uintptr_t grad_x, uintptr_t grad_weight, uintptr_t grad_bias, int bias_dtype,
+                            uintptr_t workspace, int64_t n, int64_t c, int64_t s, int64_t groups, int dtype,
+                            bool training, int sm_count, uintptr_t stream);
+void psp_norm_backward_host(uintptr_t grad, uintptr_t x, uintptr_t weight, int weight_dtype, uintptr_t rstd,
+                            uintptr_t grad_x, uintptr_t grad_weight, uintptr_t grad_bias, int bias_dtype,
+                            uintptr_t workspace, int64_t n, int64_t c, int64_t s, int64_t groups, int dtype,
+                            bool training, int sm_count);
+
 // The CUDA runtime version _C was built against, as cudaRuntimeGetVersion reports it.
 int cuda_runtime_version();
 

@@ -1,5 +1,6 @@
-// CUDA kernels of Layer-Batch Normalization (SPEC.md section 3). The partitions, walks and math are
-// in lbn.cuh; run_forward and run_backward below order the passes once, for the kernels and for
+// CUDA kernels of Layer-Batch Normalization (SPEC.md section 3) and of postsynaptic-potential
+// normalization (PSP, section 4: the same passes without a mean, see lbn.cuh). The partitions,
+// walks and math are in lbn.cuh; run_forward and run_backward below order the passes once, for the kernels and for
 // their host twins alike (DeviceExec launches, HostExec runs the same blocks in serial loops).
 //
 // Forward, training: stats (one Welford partial per block, or per column and row tile), then a
@@ -230,7 +231,7 @@ __global__ void __launch_bounds__(kThreads) segment_forward_kernel(const T* __re
                                                                    const float* __restrict__ rstd) {
   const Tile tile = tile_of(p, blockIdx.x);
   const int64_t g = ch.group_of_channel(tile.unit);
-  SegmentForward<T> op{{mean[g], rstd[g], affine.weight_at(tile.unit), affine.bias_at(tile.unit)}, y};
+  SegmentForward<T> op{{mean_at(mean, g), rstd[g], affine.weight_at(tile.unit), affine.bias_at(tile.unit)}, y};
   walk_segment<T, V, false>(p, tile, threadIdx.x, x, x, op);
 }
 
@@ -252,7 +253,7 @@ __global__ void __launch_bounds__(kThreads) segment_grad_sums_kernel(const T* __
   __shared__ GradSums scratch[kWarps];
   const Tile tile = tile_of(p, blockIdx.x);
   const int64_t g = ch.group_of_channel(tile.unit);
-  SegmentGradSums op{mean[g], rstd[g]};
+  SegmentGradSums op{mean_at(mean, g), rstd[g]};
   walk_segment<T, V, true>(p, tile, threadIdx.x, dy, x, op);
   const GradSums total = block_merge(op.sums, scratch);
   if (threadIdx.x == 0) partials[blockIdx.x] = total;
@@ -294,7 +295,7 @@ __global__ void __launch_bounds__(kThreads) finalize_channels_kernel(const GradS
 // The w-weighted sums of each group's channels, then the two means.
 template <int kUnitThreads>
 __global__ void __launch_bounds__(kThreads) finalize_groups_kernel(const GradSums* __restrict__ terms, int64_t groups,
-                                                                   int64_t per_group, float count,
+                                                                   int64_t per_group, float count, bool centered,
                                                                    GroupGradMeans* __restrict__ group_means) {
   __shared__ GradSums scratch[kWarps];
   const int64_t g = unit_index<kUnitThreads>();
@@ -303,7 +304,7 @@ __global__ void __launch_bounds__(kThreads) finalize_groups_kernel(const GradSum
   GradSums sums{0.0f, 0.0f};
   for (int64_t k = lane; k < per_group; k += kUnitThreads) sums = combine(sums, terms[g * per_group + k]);
   sums = unit_merge<kUnitThreads>(sums, scratch);
-  if (lane == 0) group_means[g] = {div_rn(sums.dy, count), div_rn(sums.dy_xhat, count)};
+  if (lane == 0) group_means[g] = group_grad_means(sums, count, centered);
 }
 
 template <typename T, int V>
@@ -406,12 +407,12 @@ struct DeviceExec {
     check_cuda(cudaGetLastError(), "layer_batch_norm channel finalize kernel launch");
   }
 
-  void finalize_groups(const GradSums* terms, int64_t groups, int64_t per_group, float count,
+  void finalize_groups(const GradSums* terms, int64_t groups, int64_t per_group, float count, bool centered,
                        GroupGradMeans* group_means) const {
     dispatch_unit_threads(groups, sm_count, [&](auto threads) {
       constexpr int kUnitThreads = decltype(threads)::value;
       finalize_groups_kernel<kUnitThreads><<<finalize_blocks(groups, kUnitThreads), kThreads, 0, stream>>>(
-          terms, groups, per_group, count, group_means);
+          terms, groups, per_group, count, centered, group_means);
     });
     check_cuda(cudaGetLastError(), "layer_batch_norm group finalize kernel launch");
   }
@@ -517,7 +518,7 @@ struct HostExec {
           walk_columns<T, V, false>(p, tile, t, x, x, op);
         } else {
           const int64_t g = ch.group_of_channel(tile.unit);
-          SegmentForward<T> op{{mean[g], rstd[g], affine.weight_at(tile.unit), affine.bias_at(tile.unit)}, y};
+          SegmentForward<T> op{{mean_at(mean, g), rstd[g], affine.weight_at(tile.unit), affine.bias_at(tile.unit)}, y};
           walk_segment<T, V, false>(p, tile, t, x, x, op);
         }
       }
@@ -543,7 +544,7 @@ struct HostExec {
       } else {
         const int64_t g = ch.group_of_channel(tile.unit);
         for (int t = 0; t < kThreads; ++t) {
-          SegmentGradSums op{mean[g], rstd[g]};
+          SegmentGradSums op{mean_at(mean, g), rstd[g]};
           walk_segment<T, V, true>(p, tile, t, dy, x, op);
           states[t] = op.sums;
         }
@@ -562,12 +563,12 @@ struct HostExec {
     }
   }
 
-  void finalize_groups(const GradSums* terms, int64_t groups, int64_t per_group, float count,
+  void finalize_groups(const GradSums* terms, int64_t groups, int64_t per_group, float count, bool centered,
                        GroupGradMeans* group_means) const {
     for (int64_t g = 0; g < groups; ++g) {
       const GradSums sums = unit_merge_host<GradSums>(unit_threads(groups, sm_count), per_group,
                                                       [&](int64_t k) { return terms[g * per_group + k]; });
-      group_means[g] = {div_rn(sums.dy, count), div_rn(sums.dy_xhat, count)};
+      group_means[g] = group_grad_means(sums, count, centered);
     }
   }
 
@@ -631,6 +632,7 @@ void run_forward(const Exec& exec, const ForwardArgs& a) {
   });
 }
 
+// `mean` is 0 (absent) exactly when not centered (PSP).
 struct BackwardArgs {
   uintptr_t grad, x, grad_x, mean, rstd, grad_weight, grad_bias, workspace;
   Affine affine;
@@ -638,6 +640,8 @@ struct BackwardArgs {
   int dtype;
   bool training;
   int sm_count;
+
+  bool centered() const { return mean != 0; }
 };
 
 // Workspace of the backward, in floats: partials, then (C,) channel terms, then (G,) group means.
@@ -671,11 +675,13 @@ void run_backward(const Exec& exec, const BackwardArgs& a) {
         exec.template grad_sums<T, decltype(v)::value>(dy, x, ws.partials, p, ch, mean, rstd);
       });
       const float count = static_cast<float>(s.n * s.group_run());
-      const ChannelResults results{a.affine,    as_mutable<void>(a.grad_weight), as_mutable<void>(a.grad_bias),
-                                   ws.terms,    ws.group_means,                  s.per_group(),
-                                   count,       a.training};
+      const ChannelResults results{a.affine,     as_mutable<void>(a.grad_weight), as_mutable<void>(a.grad_bias),
+                                   ws.terms,     ws.group_means,                  s.per_group(),
+                                   count,        a.training,                      a.centered()};
       exec.finalize_channels(ws.partials, p, s.c, s.s, results);
-      if (a.training && s.per_group() > 1) exec.finalize_groups(ws.terms, s.groups, s.per_group(), count, ws.group_means);
+      if (a.training && s.per_group() > 1) {
+        exec.finalize_groups(ws.terms, s.groups, s.per_group(), count, a.centered(), ws.group_means);
+      }
     }
     dispatch_pack<T>(pack_elements(sizeof(T), p, {a.grad, a.x, a.grad_x}), [&](auto v) {
       exec.template backward<T, decltype(v)::value>(dy, x, as_mutable<T>(a.grad_x), p, ch, a.affine, mean, rstd,
@@ -686,12 +692,15 @@ void run_backward(const Exec& exec, const BackwardArgs& a) {
 
 int element_bytes(int dtype) { return static_cast<FloatDType>(dtype) == FloatDType::kFloat32 ? 4 : 2; }
 
+// Centered (LBN) with a mean; not centered (PSP) with mean, running_mean and new_running_mean 0 and
+// the running second moment in running_var / new_running_var.
 ForwardArgs forward_args(uintptr_t x, uintptr_t weight, int weight_dtype, uintptr_t bias, int bias_dtype,
                          uintptr_t running_mean, uintptr_t running_var, int stats_dtype, uintptr_t y, uintptr_t mean,
                          uintptr_t rstd, uintptr_t new_running_mean, uintptr_t new_running_var, uintptr_t workspace,
                          int64_t n, int64_t c, int64_t s, int64_t groups, int dtype, bool training, double momentum,
-                         float eps, int sm_count) {
+                         float eps, int sm_count, bool centered) {
   const int64_t count = n * (c / groups) * s;
+  const double correction = centered ? static_cast<double>(count) / static_cast<double>(count - 1) : 1.0;
   const RunningStats running{as_const<void>(running_mean),
                              as_const<void>(running_var),
                              as_mutable<void>(new_running_mean),
@@ -699,7 +708,8 @@ ForwardArgs forward_args(uintptr_t x, uintptr_t weight, int weight_dtype, uintpt
                              stats_dtype,
                              static_cast<float>(momentum),
                              static_cast<float>(1.0 - momentum),
-                             static_cast<float>(static_cast<double>(count) / static_cast<double>(count - 1))};
+                             static_cast<float>(correction),
+                             centered};
   return {x,
           y,
           mean,
@@ -737,7 +747,7 @@ void layer_batch_norm_forward_cuda(uintptr_t x, uintptr_t weight, int weight_dty
   run_forward(DeviceExec{as_stream(stream), sm_count},
               forward_args(x, weight, weight_dtype, bias, bias_dtype, running_mean, running_var, stats_dtype, y, mean,
                            rstd, new_running_mean, new_running_var, workspace, n, c, s, groups, dtype, training,
-                           momentum, eps, sm_count));
+                           momentum, eps, sm_count, true));
 }
 
 void layer_batch_norm_forward_host(uintptr_t x, uintptr_t weight, int weight_dtype, uintptr_t bias, int bias_dtype,
@@ -748,7 +758,7 @@ void layer_batch_norm_forward_host(uintptr_t x, uintptr_t weight, int weight_dty
                                    int sm_count) {
   run_forward(HostExec{sm_count}, forward_args(x, weight, weight_dtype, bias, bias_dtype, running_mean, running_var,
                                        stats_dtype, y, mean, rstd, new_running_mean, new_running_var, workspace, n, c,
-                                       s, groups, dtype, training, momentum, eps, sm_count));
+                                       s, groups, dtype, training, momentum, eps, sm_count, true));
 }
 
 void layer_batch_norm_backward_cuda(uintptr_t grad, uintptr_t x, uintptr_t weight, int weight_dtype, uintptr_t mean,
@@ -768,6 +778,44 @@ void layer_batch_norm_backward_host(uintptr_t grad, uintptr_t x, uintptr_t weigh
   run_backward(HostExec{sm_count}, BackwardArgs{grad, x, grad_x, mean, rstd, grad_weight, grad_bias, workspace,
                                         Affine{as_const<void>(weight), weight_dtype, nullptr, bias_dtype},
                                         Shape{n, c, s, groups}, dtype, training, sm_count});
+}
+
+// PSP: the LBN passes with no mean (see lbn.cuh).
+void psp_norm_forward_cuda(uintptr_t x, uintptr_t weight, int weight_dtype, uintptr_t bias, int bias_dtype,
+                           uintptr_t running_moment, int stats_dtype, uintptr_t y, uintptr_t rstd,
+                           uintptr_t new_running_moment, uintptr_t workspace, int64_t n, int64_t c, int64_t s,
+                           int64_t groups, int dtype, bool training, double momentum, float eps, int sm_count,
+                           uintptr_t stream) {
+  run_forward(DeviceExec{as_stream(stream), sm_count},
+              forward_args(x, weight, weight_dtype, bias, bias_dtype, 0, running_moment, stats_dtype, y, 0, rstd, 0,
+                           new_running_moment, workspace, n, c, s, groups, dtype, training, momentum, eps, sm_count,
+                           false));
+}
+
+void psp_norm_forward_host(uintptr_t x, uintptr_t weight, int weight_dtype, uintptr_t bias, int bias_dtype,
+                           uintptr_t running_moment, int stats_dtype, uintptr_t y, uintptr_t rstd,
+                           uintptr_t new_running_moment, uintptr_t workspace, int64_t n, int64_t c, int64_t s,
+                           int64_t groups, int dtype, bool training, double momentum, float eps, int sm_count) {
+  run_forward(HostExec{sm_count},
+              forward_args(x, weight, weight_dtype, bias, bias_dtype, 0, running_moment, stats_dtype, y, 0, rstd, 0,
+                           new_running_moment, workspace, n, c, s, groups, dtype, training, momentum, eps, sm_count,
+                           false));
+}
+
+void psp_norm_backward_cuda(uintptr_t grad, uintptr_t x, uintptr_t weight, int weight_dtype, uintptr_t rstd,
+                            uintptr_t grad_x, uintptr_t grad_weight, uintptr_t grad_bias, int bias_dtype,
+                            uintptr_t workspace, int64_t n, int64_t c, int64_t s, int64_t groups, int dtype,
+                            bool training, int sm_count, uintptr_t stream) {
+  layer_batch_norm_backward_cuda(grad, x, weight, weight_dtype, 0, rstd, grad_x, grad_weight, grad_bias, bias_dtype,
+                                 workspace, n, c, s, groups, dtype, training, sm_count, stream);
+}
+
+void psp_norm_backward_host(uintptr_t grad, uintptr_t x, uintptr_t weight, int weight_dtype, uintptr_t rstd,
+                            uintptr_t grad_x, uintptr_t grad_weight, uintptr_t grad_bias, int bias_dtype,
+                            uintptr_t workspace, int64_t n, int64_t c, int64_t s, int64_t groups, int dtype,
+                            bool training, int sm_count) {
+  layer_batch_norm_backward_host(grad, x, weight, weight_dtype, 0, rstd, grad_x, grad_weight, grad_bias, bias_dtype,
+                                 workspace, n, c, s, groups, dtype, training, sm_count);
 }
 
 }  // namespace maqd

@@ -1,6 +1,11 @@
-// Layer-Batch Normalization (SPEC.md section 3): how lbn.cu's kernels split x among blocks and
-// threads, and the math of every element, thread and group. Everything is __host__ __device__ so
-// that the host twins run the same partitions, walks and merges as the kernels, in serial loops.
+// Layer-Batch Normalization (SPEC.md section 3) and postsynaptic-potential normalization (PSP,
+// section 4): how lbn.cu's kernels split x among blocks and threads, and the math of every element,
+// thread and group. PSP is LBN with mean 0 and variance := E[x^2], the raw second moment: it runs
+// the same kernels with no mean vector (a null `mean`, read as 0 by mean_at) and the `centered`
+// flag off, which changes only the per-group finalizes (the statistic, its running update, and
+// the backward's group means, where the mean_g(w dy) term of a mean that is not subtracted drops).
+// Everything is __host__ __device__ so that the host twins run the same partitions, walks and
+// merges as the kernels, in serial loops.
 //
 // x (N, C, S) is seen as N rows of W = C * S contiguous elements. A unit (a group of C / G channels
 // for the forward statistics, a channel for everything else) owns the `run` contiguous columns
@@ -367,6 +372,9 @@ struct Channels {
 
 // ------------------------------------------------------------------------------------ per-element math
 
+// Group g's mean, or 0 for the raw-moment normalization (PSP), which passes no mean vector.
+MAQD_HD float mean_at(const float* mean, int64_t g) { return mean != nullptr ? mean[g] : 0.0f; }
+
 // The reference's order of operations, one rounding each: x_hat = (x - mean) rstd.
 MAQD_HD float normalized(float x, float mean, float rstd) { return mul_rn(sub_rn(x, mean), rstd); }
 
@@ -456,7 +464,7 @@ struct ColumnForward {
     for (int k = 0; k < kCols; ++k) {
       const int64_t c = ch.channel_of(clamped_column(first_col + k, width));
       const int64_t g = ch.group_of_channel(c);
-      coefficients[k] = {mean[g], rstd[g], affine.weight_at(c), affine.bias_at(c)};
+      coefficients[k] = {mean_at(mean, g), rstd[g], affine.weight_at(c), affine.bias_at(c)};
     }
   }
 
@@ -496,7 +504,7 @@ struct ColumnGradSums {
 #pragma unroll
     for (int k = 0; k < kCols; ++k) {
       const int64_t g = ch.group_of_channel(ch.channel_of(clamped_column(first_col + k, width)));
-      mean[k] = group_mean[g];
+      mean[k] = mean_at(group_mean, g);
       rstd[k] = group_rstd[g];
       sums[k] = {0.0f, 0.0f};
     }
@@ -518,12 +526,18 @@ struct GroupGradMeans {
   float dxhat, dxhat_xhat;
 };
 
+// A group's means from its sums over `count` elements. Without centering (PSP) no mean was
+// subtracted, so none is differentiated: dx = rstd (w dy - x_hat mean(w dy x_hat)).
+MAQD_HD GroupGradMeans group_grad_means(const GradSums& sums, float count, bool centered) {
+  return {centered ? div_rn(sums.dy, count) : 0.0f, div_rn(sums.dy_xhat, count)};
+}
+
 MAQD_HD BackwardCoefficients backward_coefficients(int64_t c, const Channels& ch, const Affine& affine,
                                                    const float* mean, const float* rstd,
                                                    const GroupGradMeans* group_means, bool training) {
   const int64_t g = ch.group_of_channel(c);
   const GroupGradMeans m = training ? group_means[g] : GroupGradMeans{0.0f, 0.0f};
-  return {mean[g], rstd[g], affine.weight_at(c), m.dxhat, m.dxhat_xhat, training};
+  return {mean_at(mean, g), rstd[g], affine.weight_at(c), m.dxhat, m.dxhat_xhat, training};
 }
 
 // dx of a segment tile (one channel); a is dy, b is x.
@@ -572,8 +586,10 @@ struct ColumnBackward {
 
 // ------------------------------------------------------------------------------------ per-group results
 
-// The training forward's running-statistic update (reference.layer_batch_norm_forward), or eval's
-// source of the statistics. Pointers are (G,) in `dtype`; the new ones null when not updated.
+// The training forward's running-statistic update (reference.layer_batch_norm_forward and
+// psp_norm_forward), or eval's source of the statistics. Pointers are (G,) in `dtype`; the new ones
+// null when not updated. Centered (LBN): mean and variance. Not centered (PSP): `var` and
+// `new_var` hold the running second moment E[x^2], and `mean` and `new_mean` are null.
 struct RunningStats {
   const void* mean;
   const void* var;
@@ -581,28 +597,34 @@ struct RunningStats {
   void* new_var;
   int dtype;
   float momentum, keep;  // m and 1 - m, each rounded to float32 as torch rounds a Python scalar
-  float correction;      // n / (n - 1), likewise
+  float correction;      // n / (n - 1), likewise, for the variance; 1 for the raw moment
+  bool centered;
 };
 
-// Group g's mean and rstd from its merged state; in training with running statistics, their update.
+// Group g's rstd (and mean, when centered) from its merged state; in training with running
+// statistics, their update. The raw moment is var + mean^2 of the same state: two non-negative
+// terms, so it keeps the Welford merge's accuracy.
 MAQD_HD void finish_training_group(int64_t g, const Welford& state, float shift, float count, float eps,
                                    const RunningStats& running, float* mean_out, float* rstd_out) {
   const float mean = add_rn(shift, state.mean);
   const float var = div_rn(state.m2, count);
-  mean_out[g] = mean;
-  rstd_out[g] = div_rn(1.0f, sqrt_rn(add_rn(var, eps)));
+  const float spread = running.centered ? var : add_rn(var, mul_rn(mean, mean));
+  if (running.centered) mean_out[g] = mean;
+  rstd_out[g] = div_rn(1.0f, sqrt_rn(add_rn(spread, eps)));
+  if (running.new_var != nullptr) {
+    const float rv = load_as(running.var, running.dtype, g);
+    store_as(running.new_var, running.dtype, g,
+             add_rn(mul_rn(running.keep, rv), mul_rn(mul_rn(running.momentum, spread), running.correction)));
+  }
   if (running.new_mean != nullptr) {
     const float rm = load_as(running.mean, running.dtype, g);
-    const float rv = load_as(running.var, running.dtype, g);
     store_as(running.new_mean, running.dtype, g, add_rn(mul_rn(running.keep, rm), mul_rn(running.momentum, mean)));
-    store_as(running.new_var, running.dtype, g,
-             add_rn(mul_rn(running.keep, rv), mul_rn(mul_rn(running.momentum, var), running.correction)));
   }
 }
 
 MAQD_HD void finish_eval_group(int64_t g, float eps, const RunningStats& running, float* mean_out,
                                float* rstd_out) {
-  mean_out[g] = load_as(running.mean, running.dtype, g);
+  if (running.centered) mean_out[g] = load_as(running.mean, running.dtype, g);
   rstd_out[g] = div_rn(1.0f, sqrt_rn(add_rn(load_as(running.var, running.dtype, g), eps)));
 }
 
@@ -618,6 +640,7 @@ struct ChannelResults {
   int64_t per_group;
   float group_count;
   bool training;
+  bool centered;
 };
 
 MAQD_HD void finish_channel(int64_t c, const GradSums& sums, const ChannelResults& r) {
@@ -627,7 +650,7 @@ MAQD_HD void finish_channel(int64_t c, const GradSums& sums, const ChannelResult
   const float w = r.affine.weight_at(c);
   const GradSums term{mul_rn(w, sums.dy), mul_rn(w, sums.dy_xhat)};
   if (r.per_group == 1) {
-    r.group_means[c] = {div_rn(term.dy, r.group_count), div_rn(term.dy_xhat, r.group_count)};
+    r.group_means[c] = group_grad_means(term, r.group_count, r.centered);
   } else {
     r.terms[c] = term;
   }

@@ -13,7 +13,7 @@ from . import nn
 from ._backend import BackendStatus, backends
 from .convert import convert_for_inference
 from .energy import EnergyReport, energy_report, synaptic_operations, synaptic_penalty
-from .lbn import fold_affine, layer_batch_norm, lbn_inference_affine
+from .lbn import fold_affine, layer_batch_norm, lbn_inference_affine, psp_norm
 from .prune import magnitude_prune_rnn, spectral_prune_rnn
 from .quant import (
     PackedWeight,
@@ -48,6 +48,7 @@ __all__ = [
     "ottt_linear",
     "ottt_neuron",
     "pack_weight",
+    "psp_norm",
     "quant_conv2d",
     "quant_linear",
     "quantize",

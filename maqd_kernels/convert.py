@@ -1,17 +1,17 @@
-"""``convert_for_inference``: an eval-mode model with every LayerBatchNorm folded away and every
-MaQD block fused into one low-bit kernel that takes and gives uint8 codes (SPEC.md section 3;
-MaQD, Sawada et al., arXiv 2403.14999)."""
+"""``convert_for_inference``: an eval-mode model with every LayerBatchNorm (or PSPNorm) folded away
+and every MaQD block fused into one low-bit kernel that takes and gives uint8 codes (SPEC.md
+sections 3 and 4; MaQD, Sawada et al., arXiv 2403.14999)."""
 
 from __future__ import annotations
 
 import copy
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from .lbn import op as lbn_op
 from .nn.inference import Dequantize, LowBitConv2d, LowBitLinear, Quantize
-from .nn.lbn import LayerBatchNorm
 from .nn.quant import QuantAct, QuantConv2d, QuantLinear
 
 # Modules that only move or drop values in eval mode: uint8 codes pass through them unchanged.
@@ -20,24 +20,36 @@ QUANT_LAYERS = (QuantLinear, QuantConv2d)
 FLOAT_LAYERS = (nn.Linear, nn.Conv2d)
 
 
+@runtime_checkable
+class FoldableNorm(Protocol):
+    """A normalization that is a per-channel affine y = a_c x + b_c in eval mode, over
+    `num_features` channels: LayerBatchNorm, PSPNorm. Folded wherever one follows a layer."""
+
+    num_features: int
+
+    def inference_affine(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 def convert_for_inference(model: nn.Module, *, backend: str | None = None) -> nn.Module:
     """A copy of ``model`` in eval mode with its layer runs folded and fused (SPEC.md section 3).
 
     Within every ``nn.Sequential`` (nested ones included, read as one flat run of modules):
-      - ``QuantLinear | QuantConv2d`` (-> ``LayerBatchNorm``) (-> ``QuantAct``) becomes one
-        ``LowBitLinear`` / ``LowBitConv2d``: the LBN affine in the low-bit matmul's epilogue and the
+      - ``QuantLinear | QuantConv2d`` (-> norm) (-> ``QuantAct``) becomes one
+        ``LowBitLinear`` / ``LowBitConv2d``: the norm's affine in the low-bit matmul's epilogue and the
         QuantAct's quantization after it, so the kernel writes uint8 codes;
       - a ``QuantAct`` whose output only feeds such a layer (through Flatten, Dropout, Identity)
         becomes ``Quantize`` (codes), and one whose codes meet a float module becomes
         ``Dequantize`` after the fused layer: codes flow from kernel to kernel and floats appear
         only where a float module needs them;
-      - ``Linear | Conv2d -> LayerBatchNorm`` folds into the layer's weight and bias.
+      - ``Linear | Conv2d -> norm`` folds into the layer's weight and bias.
+    A norm is any ``FoldableNorm``: ``LayerBatchNorm`` or ``PSPNorm`` (their eval forms are
+    per-channel affines, ``inference_affine()``).
     Absorbed modules are replaced by ``nn.Identity``, so every module keeps its name and position.
     Outside Sequentials (the children of custom modules, whose data flow is their own Python),
     each QuantLinear / QuantConv2d becomes a fused layer with a float input and output, packed
     once instead of at every call; other modules are left as they are.
 
-    A LayerBatchNorm is taken to normalize the preceding layer's output features (``(N, C)``,
+    A norm is taken to normalize the preceding layer's output features (``(N, C)``,
     time-first ``(T, B, C)`` or ``(N, C, H, W)``). Outputs equal ``model.eval()``'s: floats to
     float32 rounding, codes exactly except where a value sits on a rounding tie (the fused kernel
     accumulates integers exactly where the original sums floats). The original is not modified.
@@ -87,7 +99,7 @@ def _convert_run(sequence: nn.Sequential, backend: str | None) -> None:
     while i < len(modules):
         module = modules[i]
         if isinstance(module, QUANT_LAYERS):
-            norm = _following(modules, i + 1, LayerBatchNorm, _normalizes(module))
+            norm = _following(modules, i + 1, FoldableNorm, _normalizes(module))
             act_at = i + 1 + (norm is not None)
             act = _following(modules, act_at, QuantAct)
             act_out = None if act is None else (act.bits, _scale_of(act))
@@ -112,7 +124,7 @@ def _convert_run(sequence: nn.Sequential, backend: str | None) -> None:
             codes_in = (module.bits, _scale_of(module))
             replaced[i] = Quantize(*codes_in, backend=module.backend if backend is None else backend)
         elif isinstance(module, FLOAT_LAYERS) and (
-            norm := _following(modules, i + 1, LayerBatchNorm, _normalizes(module))
+            norm := _following(modules, i + 1, FoldableNorm, _normalizes(module))
         ):
             replaced[i], replaced[i + 1] = _fold_float(module, norm), nn.Identity()
             i += 1
@@ -131,7 +143,7 @@ def _following(modules: list[nn.Module], index: int, kind: type, accept=lambda m
 
 
 def _normalizes(layer: nn.Module):
-    """Whether a LayerBatchNorm has one channel per output feature of `layer`."""
+    """Whether a norm has one channel per output feature of `layer`."""
     features = layer.out_features if isinstance(layer, (nn.Linear, QuantLinear)) else layer.out_channels
     return lambda norm: norm.num_features == features
 
@@ -144,7 +156,7 @@ def _scale_of(act: QuantAct) -> float:
     return float(act.scale.detach()) if isinstance(act.scale, torch.Tensor) else float(act.scale)
 
 
-def _fold_float(layer: nn.Module, norm: LayerBatchNorm) -> nn.Module:
+def _fold_float(layer: nn.Module, norm: FoldableNorm) -> nn.Module:
     """`layer` with the eval-mode `norm` folded into its weight and bias (``fold_affine``)."""
     folded = copy.deepcopy(layer)
     with torch.no_grad():

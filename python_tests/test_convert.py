@@ -1,7 +1,8 @@
-"""``convert_for_inference`` (SPEC.md section 3): converted MaQD models against their eval-mode
-originals at several depths and widths, on every backend: each fused layer's uint8 codes equal
-the original's except at rounding ties (judged by a float64 re-derivation of the layer), and the
-whole model's outputs agree; the float fold; nested modules; the state_dict round trip."""
+"""``convert_for_inference`` (SPEC.md sections 3 and 4): converted MaQD models against their
+eval-mode originals at several depths and widths, on every backend: each fused layer's uint8 codes
+equal the original's except at rounding ties (judged by a float64 re-derivation of the layer), and
+the whole model's outputs agree; the float fold; nested modules; the state_dict round trip. Each
+norm, LayerBatchNorm or PSPNorm, folds in the same places."""
 
 import io
 
@@ -19,30 +20,33 @@ from helpers import op_backends
 TIE_ULPS = 2.0**-18
 
 
-def _mlp(depth, width, weight_bits, act_bits, backend, in_features=24, groups=1):
+NORMS = (mnn.LayerBatchNorm, mnn.PSPNorm)
+
+
+def _mlp(depth, width, weight_bits, act_bits, backend, in_features=24, groups=1, norm=mnn.LayerBatchNorm):
     layers, features = [mnn.QuantAct(act_bits, backend=backend)], in_features
     for _ in range(depth):
         layers += [
             mnn.QuantLinear(features, width, weight_bits=weight_bits, backend=backend),
-            mnn.LayerBatchNorm(width, groups=groups, backend=backend),
+            norm(width, groups=groups, backend=backend),
             mnn.QuantAct(act_bits, backend=backend),
         ]
         features = width
     return nn.Sequential(*layers, nn.Linear(features, 10))
 
 
-def _convnet(backend):
+def _convnet(backend, norm=mnn.LayerBatchNorm):
     return nn.Sequential(
         mnn.QuantAct(4, backend=backend),
         mnn.QuantConv2d(3, 8, 3, padding=1, weight_bits=4, backend=backend),
-        mnn.LayerBatchNorm(8, backend=backend),
+        norm(8, backend=backend),
         mnn.QuantAct(4, backend=backend),
         mnn.QuantConv2d(8, 16, 3, stride=2, padding=1, weight_bits=2, backend=backend),
-        mnn.LayerBatchNorm(16, groups=4, backend=backend),
+        norm(16, groups=4, backend=backend),
         mnn.QuantAct(4, learn_scale=True, backend=backend),
         nn.Flatten(),
         mnn.QuantLinear(16 * 4 * 4, 12, weight_bits=4, backend=backend),
-        mnn.LayerBatchNorm(12, backend=backend),
+        norm(12, backend=backend),
         mnn.QuantAct(8, backend=backend),
         nn.Linear(12, 10),
     )
@@ -53,7 +57,7 @@ def _trained(model, shape, device, steps=4):
     model.to(device).train()
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, mnn.LayerBatchNorm):
+            if isinstance(module, NORMS):
                 module.weight.uniform_(0.5, 1.5), module.bias.uniform_(-0.5, 0.5)
             if isinstance(module, mnn.QuantAct) and module.learn_scale:
                 module.scale.fill_(0.37)
@@ -68,7 +72,7 @@ def _inputs(shape, device):
 
 def _layer_values(model, x):
     """Per quantized layer of `model`: (its input, the codes of the QuantAct that ends its block,
-    that QuantAct's scale, the block's LayerBatchNorm)."""
+    that QuantAct's scale, the block's norm)."""
     modules = [m for m in model.modules() if not isinstance(m, nn.Sequential)]
     records, hooks = [], []
     for i, module in enumerate(modules):
@@ -89,7 +93,7 @@ def _scale(act) -> float:
 
 
 def _exact_values(record) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float64 re-derivation of one block's pre-quantization value v = LBN(layer(x)) / scale, and a
+    """Float64 re-derivation of one block's pre-quantization value v = norm(layer(x)) / scale, and a
     bound on the float32 error either implementation can make in it."""
     layer, norm, act = record["layer"], record["norm"], record["act"]
     packed = layer.packed_weight()
@@ -165,9 +169,27 @@ def test_converted_mlp_equals_the_original(backend, device, depth, width, weight
 
 
 @pytest.mark.parametrize("backend,device", op_backends())
-def test_converted_convnet_equals_the_original(backend, device):
+@pytest.mark.parametrize("depth,width,groups", [(2, 33, 1), (3, 64, 4)])
+def test_converted_psp_mlp_equals_the_original(backend, device, depth, width, groups):
+    """PSPNorm in place of LayerBatchNorm: folded into the same epilogue, codes equal but at ties."""
+    torch.manual_seed(depth * 100 + width)
+    model = _trained(_mlp(depth, width, 4, 4, backend, groups=groups, norm=mnn.PSPNorm), (64, 24), device)
+    converted = mk.convert_for_inference(model)
+    assert not any(isinstance(m, mnn.PSPNorm) for m in converted.modules())
+    assert all(layer.out_scale is not None for layer in _fused_layers(converted))
+    x = _inputs((200, 24), device)
+    _check_layer_by_layer(model, converted, x)
+    with torch.no_grad():
+        want, got = model(x), converted(x)
+    close = (got - want).abs().amax(dim=1) <= 1e-4 * want.abs().amax(dim=1).clamp(min=1)
+    assert close.float().mean() >= 0.97
+
+
+@pytest.mark.parametrize("backend,device", op_backends())
+@pytest.mark.parametrize("norm", NORMS)
+def test_converted_convnet_equals_the_original(backend, device, norm):
     torch.manual_seed(1)
-    model = _trained(_convnet(backend), (16, 3, 8, 8), device)
+    model = _trained(_convnet(backend, norm), (16, 3, 8, 8), device)
     converted = mk.convert_for_inference(model)
     kinds = [type(m).__name__ for m in converted]
     assert kinds == [
@@ -197,13 +219,14 @@ def test_codes_flow_between_fused_layers_and_floats_only_where_needed():
 
 
 @pytest.mark.parametrize("layer", ["linear", "conv"])
-def test_float_layers_fold_their_norm(layer):
+@pytest.mark.parametrize("norm", NORMS)
+def test_float_layers_fold_their_norm(layer, norm):
     torch.manual_seed(2)
     if layer == "linear":
-        model = nn.Sequential(nn.Linear(10, 6, bias=False), mnn.LayerBatchNorm(6, groups=2), nn.ReLU())
+        model = nn.Sequential(nn.Linear(10, 6, bias=False), norm(6, groups=2), nn.ReLU())
         shape = (16, 10)
     else:
-        model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), mnn.LayerBatchNorm(6, groups=3), nn.ReLU())
+        model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), norm(6, groups=3), nn.ReLU())
         shape = (4, 3, 5, 5)
     model = _trained(model, shape, "cpu")
     converted = mk.convert_for_inference(model)
@@ -244,10 +267,11 @@ def test_nested_modules_are_converted():
     assert close.float().mean() >= 0.95
 
 
-def test_time_first_norm_after_a_quantized_layer_folds():
+@pytest.mark.parametrize("norm", NORMS)
+def test_time_first_norm_after_a_quantized_layer_folds(norm):
     torch.manual_seed(4)
     model = nn.Sequential(
-        mnn.QuantAct(4), mnn.QuantLinear(8, 6, weight_bits=4), mnn.LayerBatchNorm(6, time_first=True), mnn.QuantAct(4)
+        mnn.QuantAct(4), mnn.QuantLinear(8, 6, weight_bits=4), norm(6, time_first=True), mnn.QuantAct(4)
     )
     model = _trained(model, (4, 3, 8), "cpu")
     converted = mk.convert_for_inference(model)

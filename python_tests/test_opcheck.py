@@ -186,6 +186,14 @@ def _cases():
         "layer_batch_norm_backward": [
             (_r(4, 6, 3), _r(4, 6, 3), _r(6), None, _r(3), torch.rand(3) + 0.5, True, 3, None)
         ],
+        "psp_norm": [
+            (_r(4, 6, 3, grad=True), _r(6, grad=True), _r(6, grad=True), torch.ones(2), True, 0.1, 1e-5, 2, None),
+            (_r(4, 6, 3, grad=True), None, None, torch.rand(6) + 0.5, False, 0.1, 1e-5, 6, None),
+            # One value per group: a raw moment needs no second one (LBN's variance does).
+            (_r(1, 6, grad=True), _r(6, grad=True), None, torch.ones(6), True, 0.1, 1e-5, 6, None),
+            (_r(1, 6, grad=True), _r(6, grad=True), None, None, True, 0.1, 1e-5, 1, None),
+        ],
+        "psp_norm_backward": [(_r(4, 6, 3), _r(4, 6, 3), _r(6), None, torch.rand(3) + 0.5, True, 3, None)],
         "lbn_inference_affine": [
             (
                 _r(6, grad=True),

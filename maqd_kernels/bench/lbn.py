@@ -25,7 +25,10 @@ Sections:
     reads x and dy and writes dx), and is set against the copy bandwidth measured in the same run;
     our kernels make 8 passes (forward: a statistics read, a normalize read and a write; backward:
     two reads of x and dy, one write), so their `of copy (8 passes)` column says how well they run
-    the passes they do make.
+    the passes they do make. Next to each LBN case, ``PSPNorm`` (postsynaptic-potential
+    normalization, the same kernels without a mean) at the same shape, dtype and groups, on each
+    kernel backend, against its eager reference and torch.compile of its math (rows `psp:<impl>`;
+    `x LBN` is LayerBatchNorm's time on the same backend over PSPNorm's).
 (b) infer: LBN at inference inside a quantized layer: ``lowbit_linear`` on uint8 activation codes
     with a packed 4-bit and 2-bit weight, M in {1, 128, 8192}, N = K in {4096, 8192}, per kernel
     backend: (i) `epilogue`: bias, the folded LBN (out_scale, out_shift) and requantization to uint8
@@ -86,6 +89,8 @@ SECTIONS = ("train", "infer")
 KERNELS = ("cuda", "triton")
 EPS, MOMENTUM = 1e-5, 0.1
 TRAIN_PEERS = ("reference", "compile", "batchnorm", "layernorm", "groupnorm")
+# PSPNorm's peers: the torch normalizations all subtract a mean, so only its own reference math.
+PSP_PEERS = ("reference", "compile")
 # Tensor passes over x-sized data in one training forward + backward: the fewest any implementation
 # needs, and what our kernels make (forward: statistics read + normalize read + write; backward:
 # (x, dy) read twice + dx written). The eval forward makes 2 (read, write).
@@ -201,7 +206,18 @@ def reference_train(
     return y.view(x.shape)
 
 
-def peer_label(impl: str, ts: TrainShape, groups: int) -> str:
+def reference_psp_train(
+    x: Tensor, weight: Tensor, bias: Tensor, running_moment: Tensor, groups: int, time_first: bool
+) -> Tensor:
+    """``reference_train`` for PSPNorm: the reference's training forward with its running moment."""
+    flat = x.flatten(0, 1) if time_first else x
+    y, _, new_moment = reference.psp_norm_forward(flat, weight, bias, running_moment, True, MOMENTUM, EPS, groups)
+    with torch.no_grad():
+        running_moment.copy_(new_moment)
+    return y.view(x.shape)
+
+
+def peer_label(impl: str, ts: TrainShape, groups: int, norm: str = "lbn") -> str:
     """What exactly runs for `impl` at this shape (the `op` column)."""
     c = ts.channels
     flat = " on (T B, C)" if ts.layout == "time-first" else ""
@@ -213,31 +229,40 @@ def peer_label(impl: str, ts: TrainShape, groups: int) -> str:
         return f"nn.GroupNorm({'C' if groups == c else groups}, C)" + flat
     if impl == "compile":
         return "torch.compile(reference math)"
-    return f"LayerBatchNorm(backend={impl!r})"
+    return f"{'PSPNorm' if norm == 'psp' else 'LayerBatchNorm'}(backend={impl!r})"
 
 
-def train_forward(plan: Plan, impl: str, ts: TrainShape, groups: int, gamma: Tensor, beta: Tensor, leaf, grad):
+def train_forward(
+    plan: Plan, impl: str, ts: TrainShape, groups: int, gamma: Tensor, beta: Tensor, leaf, grad, norm: str = "lbn"
+):
     """(forward, parameters, compile seconds) of one implementation at this shape, its parameters
     (weight gamma, bias beta, running statistics) in the activations' dtype; or a str: why the
-    implementation is skipped here."""
+    implementation is skipped here. `norm` "psp" runs PSPNorm's implementations."""
     dtype, device, c = leaf.dtype, plan.device, ts.channels
     time_first = ts.layout == "time-first"
     if impl == "compile":
         weight = gamma.to(dtype).requires_grad_()
         bias = beta.to(dtype).requires_grad_()
-        mean = torch.zeros(groups, device=device, dtype=dtype)
-        var = torch.ones(groups, device=device, dtype=dtype)
+        if norm == "psp":
+            fn, statistics = reference_psp_train, (torch.ones(groups, device=device, dtype=dtype),)
+        else:
+            statistics = (
+                torch.zeros(groups, device=device, dtype=dtype),
+                torch.ones(groups, device=device, dtype=dtype),
+            )
+            fn = reference_train
         compiled, compile_s = timed_compile(
-            plan, reference_train, lambda fn: fn(leaf, weight, bias, mean, var, groups, time_first).backward(grad)
+            plan, fn, lambda fn: fn(leaf, weight, bias, *statistics, groups, time_first).backward(grad)
         )
 
         def forward(x):
-            return compiled(x, weight, bias, mean, var, groups, time_first)
+            return compiled(x, weight, bias, *statistics, groups, time_first)
 
         return forward, [weight, bias], compile_s
     flatten = False
     if impl in ("reference", *KERNELS):
-        module = mknn.LayerBatchNorm(c, groups, EPS, MOMENTUM, time_first=time_first, backend=impl)
+        module_class = mknn.PSPNorm if norm == "psp" else mknn.LayerBatchNorm
+        module = module_class(c, groups, EPS, MOMENTUM, time_first=time_first, backend=impl)
         affine = (gamma, beta)
     elif impl == "batchnorm":
         module = (nn.BatchNorm2d if ts.layout == "conv" else nn.BatchNorm1d)(c, EPS, MOMENTUM)
@@ -278,21 +303,36 @@ def train_cases(plan: Plan) -> list[tuple[TrainShape, torch.dtype, int]]:
     ]
 
 
-def train_impls(plan: Plan) -> list[str]:
-    """Section (a)'s implementations, measured at every case: the kernels, then the peers."""
-    return plan.kernels + [p for p in TRAIN_PEERS if p not in plan.kernels]
+def train_impls(plan: Plan, norm: str = "lbn") -> list[str]:
+    """Section (a)'s implementations of LayerBatchNorm (or PSPNorm), measured at every case: the
+    kernels, then the peers."""
+    return plan.kernels + [p for p in (PSP_PEERS if norm == "psp" else TRAIN_PEERS) if p not in plan.kernels]
 
 
 def bench_train(plan: Plan, timer: common.Timer, ceilings: common.Ceilings, record: common.Recorder) -> list[dict]:
     rows = []
     for ts, dtype, groups in train_cases(plan):
-        rows += bench_train_case(plan, timer, ceilings, record, ts, dtype, groups)
+        lbn = bench_train_case(plan, timer, ceilings, record, ts, dtype, groups)
+        psp = bench_train_case(plan, timer, ceilings, record, ts, dtype, groups, norm="psp")
+        rows += lbn + add_lbn_ratios(psp, lbn)
         free_memory(plan)
     return rows
 
 
-def bench_train_case(plan, timer, ceilings, record, ts: TrainShape, dtype: torch.dtype, groups: int) -> list[dict]:
-    """Every implementation at one (shape, dtype, groups), then each kernel row's ratios."""
+def add_lbn_ratios(psp: list[dict], lbn: list[dict]) -> list[dict]:
+    """x_lbn on each PSPNorm row: LayerBatchNorm's time on the same backend over the row's."""
+    lbn_ms = {f"psp:{r['impl']}": r["ms"] for r in lbn if "ms" in r}
+    for r in psp:
+        if "ms" in r and r["impl"] in lbn_ms:
+            r["x_lbn"] = lbn_ms[r["impl"]] / r["ms"]
+    return psp
+
+
+def bench_train_case(
+    plan, timer, ceilings, record, ts: TrainShape, dtype: torch.dtype, groups: int, norm: str = "lbn"
+) -> list[dict]:
+    """Every implementation of LayerBatchNorm (or PSPNorm, rows `psp:<impl>`) at one (shape, dtype,
+    groups), then each kernel row's ratios to its peers."""
     device, c = plan.device, ts.channels
     # N(0.5, 2^2) activations and N(0, 1) upstream gradients: never zero, nowhere constant.
     x = (torch.randn(ts.shape, device=device) * 2 + 0.5).to(dtype)
@@ -304,12 +344,12 @@ def bench_train_case(plan, timer, ceilings, record, ts: TrainShape, dtype: torch
     shape = {"section": "train", "layout": ts.layout, "shape": ts.label, "dtype": dtype_label(dtype), "G": groups}
     shape |= {"bytes": nbytes, "memory_floor_ms": ceilings.memory_floor_ms(nbytes)}
     rows = []
-    for impl in train_impls(plan):
-        row = shape | {"impl": impl, "op": peer_label(impl, ts, groups)}
+    for impl in train_impls(plan, norm):
+        row = shape | {"impl": impl, "op": peer_label(impl, ts, groups, norm)}
 
         def measure():
             leaf = x.detach().requires_grad_()
-            built = train_forward(plan, impl, ts, groups, gamma, beta, leaf, grad)
+            built = train_forward(plan, impl, ts, groups, gamma, beta, leaf, grad, norm)
             if isinstance(built, str):
                 return {"note": built}
             forward, params, compile_s = built
@@ -326,7 +366,11 @@ def bench_train_case(plan, timer, ceilings, record, ts: TrainShape, dtype: torch
 
         rows.append(record(row, measure))
         free_memory(plan)
-    return add_prep_speedups(rows, plan.kernels)
+    add_prep_speedups(rows, plan.kernels)
+    if norm == "psp":  # told apart from LayerBatchNorm's rows once the ratios are taken
+        for r in rows:
+            r["impl"] = f"psp:{r['impl']}"
+    return rows
 
 
 # ============================================================================= (b) inference
@@ -585,6 +629,9 @@ TRAIN_COLUMNS = {"layout": "layout", "shape": "shape", "G": "groups", "impl": "i
 TRAIN_COLUMNS |= {"gbps": "GB/s (5 passes)", "of_copy": "of copy BW", "of_copy_passes": "of copy BW (8 passes)"}
 TRAIN_COLUMNS |= {f"x_{p}": f"x {p}" for p in TRAIN_PEERS}
 TRAIN_COLUMNS |= {"compile_s": "compile s", "note": "note", "error": "error"}
+PSP_COLUMNS = {key: TRAIN_COLUMNS[key] for key in ("layout", "shape", "G", "impl", "op", "ms", "gbps", "of_copy")}
+PSP_COLUMNS |= {"of_copy_passes": TRAIN_COLUMNS["of_copy_passes"], "x_reference": "x reference"}
+PSP_COLUMNS |= {"x_compile": "x compile", "x_lbn": "x LBN", "compile_s": "compile s", "error": "error"}
 INFER_COLUMNS = {"M": "M", "N": "N=K", "bits": "bits", "impl": "impl", "form": "form", "ms": "ms"}
 INFER_COLUMNS |= {"gbps": "GB/s", "of_copy": "of copy BW", "of_floor": "of floor", "vs_plain": "/ plain"}
 INFER_COLUMNS |= {"x_eager": "x eager chain", "x_ops": "x op chain", "x_compile": "x compile chain"}
@@ -618,13 +665,28 @@ def report(plan, ceilings, train, infer, goals, errors) -> list[tuple[str, str]]
             "normalize per sample (LayerNorm's affine is per element); BatchNorm computes exactly "
             "groups = C. `x` columns: the peer's time over the row's.\n\n"
         )
+        lbn_rows = [r for r in train if not r["impl"].startswith("psp:")]
+        psp_rows = [r for r in train if r["impl"].startswith("psp:")]
         parts = []
         for dtype in plan.dtypes:
             label = dtype_label(dtype)
             parts.append(
-                f"### {label}\n\n" + common.markdown_table([r for r in train if r["dtype"] == label], TRAIN_COLUMNS)
+                f"### {label}\n\n" + common.markdown_table([r for r in lbn_rows if r["dtype"] == label], TRAIN_COLUMNS)
             )
         sections.append(("(a) LayerBatchNorm training step", intro + "\n\n".join(parts)))
+        psp_intro = (
+            "PSPNorm (postsynaptic-potential normalization: y = gamma x / sqrt(E[x^2] + eps) + beta, no "
+            "mean) training forward + backward at the same cases, on the same kernels run without a mean: "
+            "the same 5 unavoidable and 8 made passes. `x reference` and `x compile`: the eager reference's "
+            "and torch.compile of its math's time over the row's; `x LBN`: LayerBatchNorm's time on the "
+            "same backend over PSPNorm's (about 1: the passes are the same).\n\n"
+        )
+        parts = [
+            f"### {dtype_label(dtype)}\n\n"
+            + common.markdown_table([r for r in psp_rows if r["dtype"] == dtype_label(dtype)], PSP_COLUMNS)
+            for dtype in plan.dtypes
+        ]
+        sections.append(("(a.ii) PSPNorm training step", psp_intro + "\n\n".join(parts)))
     lowbit = [r for r in infer if r["op"] == "lowbit_linear"]
     if lowbit:
         sections.append(
@@ -665,9 +727,11 @@ def panels(plan: Plan, train: list[dict], infer: list[dict]) -> list[common.Pane
     for dtype in plan.dtypes:
         label = dtype_label(dtype)
         rows = [r for r in train if r["dtype"] == label and "of_copy" in r]
+        # PSPNorm's kernels only: its peers would crowd the panel.
+        rows = [r for r in rows if not r["impl"].startswith("psp:") or r["impl"].removeprefix("psp:") in KERNELS]
         cases = list(dict.fromkeys((r["shape"], r["G"]) for r in rows))
         panel = common.Panel(
-            f"LayerBatchNorm training fwd+bwd, {label}: fraction of copy bandwidth (5 passes)",
+            f"LayerBatchNorm (and PSPNorm kernels) training fwd+bwd, {label}: fraction of copy bandwidth (5 passes)",
             "of copy BW",
             [f"{s} G={g}" for s, g in cases],
         )
@@ -716,7 +780,7 @@ def count_measurements(plan: Plan) -> int:
     """How many measurements ``run`` makes: the progress bar's total, known before it starts."""
     epilogue = len(plan.infer_sizes) * len(plan.infer_rows) * len(plan.bits) * len(plan.kernels) * len(INFER_FORMS)
     counts = {
-        "train": len(train_cases(plan)) * len(train_impls(plan)),
+        "train": len(train_cases(plan)) * (len(train_impls(plan)) + len(train_impls(plan, "psp"))),
         "infer": epilogue + len(plan.fold_sizes) * len(plan.fold_rows) * len(fold_runs(plan)),
     }
     return sum(counts[section] for section in plan.sections)

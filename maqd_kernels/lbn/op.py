@@ -1,5 +1,6 @@
-"""Layer-Batch Normalization and its inference folding as torch.library custom ops (namespace
-``maqd``) and their public Python faces. SPEC.md section 3 is the contract."""
+"""Layer-Batch Normalization and its inference folding, and postsynaptic-potential normalization,
+as torch.library custom ops (namespace ``maqd``) and their public Python faces. SPEC.md sections 3
+and 4 are the contract."""
 
 from typing import Optional
 
@@ -22,6 +23,18 @@ _backend.declare(
     reference.layer_batch_norm_backward,
     cuda="maqd_kernels.lbn.cuda:layer_batch_norm_backward",
     triton="maqd_kernels.lbn.triton:layer_batch_norm_backward",
+)
+_backend.declare(
+    "psp_norm_forward",
+    reference.psp_norm_forward,
+    cuda="maqd_kernels.lbn.cuda:psp_norm_forward",
+    triton="maqd_kernels.lbn.triton:psp_norm_forward",
+)
+_backend.declare(
+    "psp_norm_backward",
+    reference.psp_norm_backward,
+    cuda="maqd_kernels.lbn.cuda:psp_norm_backward",
+    triton="maqd_kernels.lbn.triton:psp_norm_backward",
 )
 _backend.declare("lbn_inference_affine", reference.lbn_inference_affine)
 _backend.declare("lbn_inference_affine_backward", reference.lbn_inference_affine_backward)
@@ -123,6 +136,12 @@ def _check_running_stats(running_mean, running_var, groups: int, device: torch.d
     return running_mean, running_var
 
 
+def _check_affine(weight, bias, channels: int, device: torch.device) -> None:
+    for name, value in (("weight", weight), ("bias", bias)):
+        if _checks.optional_tensor(name, value, device=device) is not None:
+            _checks.shape(name, value, (channels,), "one per channel")
+
+
 def layer_batch_norm(
     x: Tensor,
     weight: Tensor | None,
@@ -152,9 +171,7 @@ def layer_batch_norm(
     _checks.tensor("x", x, min_dim=2)
     channels = x.shape[1]
     groups = _check_groups(groups, channels)
-    for name, value in (("weight", weight), ("bias", bias)):
-        if _checks.optional_tensor(name, value, device=x.device) is not None:
-            _checks.shape(name, value, (channels,), "one per channel")
+    _check_affine(weight, bias, channels, x.device)
     running_mean, running_var = _check_running_stats(running_mean, running_var, groups, x.device)
     _checks.boolean("training", training)
     if training and reference.group_size(x.shape, groups) < 2 and x.numel() > 0:
@@ -181,6 +198,134 @@ def layer_batch_norm(
         with torch.no_grad():
             running_mean.copy_(new_mean)
             running_var.copy_(new_var)
+    return y
+
+
+# ----------------------------------------------------------------------------- psp_norm
+
+
+@torch.library.custom_op("maqd::psp_norm", mutates_args=())
+def _psp_norm(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_moment: Optional[Tensor],
+    training: bool,
+    momentum: float,
+    eps: float,
+    groups: int,
+    backend: Optional[str],
+) -> tuple[Tensor, Tensor, Tensor]:
+    impl = _backend.resolve("psp_norm_forward", x, backend)
+    y, rstd, new_moment = impl(x, weight, bias, running_moment, training, momentum, eps, groups)
+    return strided_like(y, x), rstd, new_moment
+
+
+@_psp_norm.register_fake
+def _(x, weight, bias, running_moment, training, momentum, eps, groups, backend):
+    cdt = reference.compute_dtype(x.dtype)
+    updated = training and running_moment is not None
+    new_moment = torch.empty_like(running_moment) if updated else x.new_empty(0, dtype=cdt)
+    return torch.empty_like(x), x.new_empty(groups, dtype=cdt), new_moment
+
+
+@torch.library.custom_op("maqd::psp_norm_backward", mutates_args=())
+def _psp_norm_backward(
+    grad: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    rstd: Tensor,
+    training: bool,
+    groups: int,
+    backend: Optional[str],
+) -> tuple[Tensor, Tensor, Tensor]:
+    impl = _backend.resolve("psp_norm_backward", x, backend)
+    grad_x, grad_weight, grad_bias = impl(grad.contiguous(), x, weight, bias, rstd, training, groups)
+    return strided_like(grad_x, x), empty_if_none(grad_weight, x), empty_if_none(grad_bias, x)
+
+
+@_psp_norm_backward.register_fake
+def _(grad, x, weight, bias, *args):
+    return (
+        torch.empty_like(x),
+        torch.empty_like(weight) if weight is not None else x.new_empty(0),
+        torch.empty_like(bias) if bias is not None else x.new_empty(0),
+    )
+
+
+def _psp_norm_setup(ctx, inputs, output):
+    x, weight, bias, _, training, _, _, groups, backend = inputs
+    _, rstd, new_moment = output
+    ctx.mark_non_differentiable(rstd, new_moment)
+    ctx.save_for_backward(x, weight, bias, rstd)
+    ctx.args = (training, groups, backend)
+
+
+def _psp_norm_grad(ctx, grad, *unused_statistics_grads):
+    x, weight, bias, rstd = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias = torch.ops.maqd.psp_norm_backward(grad, x, weight, bias, rstd, *ctx.args)
+    return (grad_x, none_if_empty(grad_weight), none_if_empty(grad_bias)) + (None,) * 6
+
+
+_psp_norm.register_autograd(_psp_norm_grad, setup_context=_psp_norm_setup)
+
+
+def psp_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_moment: Tensor | None,
+    *,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    groups: int = 1,
+    backend: str | None = None,
+) -> Tensor:
+    """Postsynaptic-potential normalization (Ikegawa et al., Sensors 2022; SPEC.md section 4):
+    y = weight_c x / sqrt(E[x^2]_g(c) + eps) + bias_c, with no mean subtracted.
+
+    Channels split into `groups` G as in ``layer_batch_norm``; each group has one raw second moment
+    E[x^2] over (N, C/G, *). In training it is the batch's, and running_moment is updated in place,
+    as layer_batch_norm updates its statistics: running_moment <- (1 - m) running_moment + m E[x^2],
+    with no n / (n - 1) correction, which corrects a variance for its subtracted mean, and a raw
+    moment has none. In eval running_moment is the moment; the normalization is then the
+    per-channel affine a_c = weight_c / sqrt(running_moment_g(c) + eps), b_c = bias_c
+    (``lbn_inference_affine`` with a zero running mean), which folds like LBN's. Gradients reach x
+    (in training through the batch moment: dx = r (w dy - x_hat mean_g(w dy x_hat)), x_hat = x r,
+    r = (E[x^2] + eps)^-1/2), weight and bias.
+
+    Args:
+        x: (N, C, *) float; fold a time axis into N for SNN inputs.
+        weight, bias: (C,) or None (no affine). running_moment: (G,) or None (training only).
+        training: batch moment (True) or running one (False). 0 <= momentum <= 1; eps > 0.
+    Returns: y, shape, dtype and memory format of x.
+    """
+    _checks.tensor("x", x, min_dim=2)
+    channels = x.shape[1]
+    groups = _check_groups(groups, channels)
+    _check_affine(weight, bias, channels, x.device)
+    if _checks.optional_tensor("running_moment", running_moment, device=x.device) is not None:
+        _checks.shape("running_moment", running_moment, (groups,), "one per group")
+    _checks.boolean("training", training)
+    if not training and running_moment is None:
+        raise ValueError("running_moment is required when training=False")
+    _backend.check_backward("psp_norm_backward", x, _checks.backend(backend), x, weight, bias)
+    y, _, new_moment = _psp_norm(
+        x,
+        weight,
+        bias,
+        running_moment,
+        training,
+        _checks.fraction("momentum", momentum),
+        _checks.positive("eps", eps),
+        groups,
+        _checks.backend(backend),
+    )
+    if training and running_moment is not None:
+        with torch.no_grad():
+            running_moment.copy_(new_moment)
     return y
 
 
@@ -278,9 +423,7 @@ def lbn_inference_affine(
     channels = _checks.integer("channels", channels, 1)
     groups = _check_groups(groups, channels)
     _check_running_stats(running_mean, running_var, groups, running_var.device)
-    for name, value in (("weight", weight), ("bias", bias)):
-        if _checks.optional_tensor(name, value, device=running_var.device) is not None:
-            _checks.shape(name, value, (channels,), "one per channel")
+    _check_affine(weight, bias, channels, running_var.device)
     _backend.check_backward(
         "lbn_inference_affine_backward", running_var, _checks.backend(backend), weight, bias, running_mean, running_var
     )
@@ -375,6 +518,8 @@ def fold_affine(
 run_below_autocast(
     _layer_batch_norm,
     _layer_batch_norm_backward,
+    _psp_norm,
+    _psp_norm_backward,
     _lbn_inference_affine,
     _lbn_inference_affine_backward,
     _fold_affine,

@@ -1,8 +1,10 @@
 """Layer-Batch Normalization and its folding in eager PyTorch: the executable form of SPEC.md
-section 3 (MaQD, Sawada et al., arXiv 2403.14999, for the idea; SPEC.md for the formulas).
+section 3 (MaQD, Sawada et al., arXiv 2403.14999, for the idea; SPEC.md for the formulas), and
+postsynaptic-potential normalization (PSP, Ikegawa et al., Sensors 2022; SPEC.md section 4).
 
 x is (N, C, *); channels split into `groups` G, each group normalized with one mean and variance
-over (N, C/G, *). groups=1 is LBN, groups=C is BatchNorm. Arithmetic in float32 (float64 for
+over (N, C/G, *) (LBN), or with one raw second moment E[x^2] and no mean (PSP). groups=1 is LBN,
+groups=C is BatchNorm. Arithmetic in float32 (float64 for
 float64 inputs); running statistics keep their own dtype.
 """
 
@@ -85,21 +87,90 @@ def layer_batch_norm_backward(
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(dL/dx, dL/dweight, dL/dbias). In training the group statistics are differentiated too:
     dx = rstd (dx_hat - mean_g(dx_hat) - x_hat mean_g(dx_hat x_hat)), dx_hat = weight_c dy."""
+    return _normalization_backward(grad, x, weight, bias, mean, rstd, training, groups)
+
+
+def _normalization_backward(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor | None,
+    rstd: Tensor,
+    training: bool,
+    groups: int,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The backward of LBN (centered by `mean`) and of PSP (mean None: x_hat = x rstd, and with no
+    mean subtracted there is no mean_g(dx_hat) term)."""
     c = x.shape[1]
     xg = _grouped(x, groups)
     g = grad.to(xg.dtype).reshape(xg.shape)
-    x_hat = (xg - mean.view(1, -1, 1, 1)) * rstd.view(1, -1, 1, 1)
+    deviation = xg if mean is None else xg - mean.view(1, -1, 1, 1)
+    x_hat = deviation * rstd.view(1, -1, 1, 1)
     dx_hat = g * _per_channel(weight, groups, c, 1.0, g)
     if training:
         dims = (0, 2, 3)
-        dx = rstd.view(1, -1, 1, 1) * (
-            dx_hat - dx_hat.mean(dim=dims, keepdim=True) - x_hat * (dx_hat * x_hat).mean(dim=dims, keepdim=True)
-        )
+        correlation = x_hat * (dx_hat * x_hat).mean(dim=dims, keepdim=True)
+        if mean is None:
+            dx = rstd.view(1, -1, 1, 1) * (dx_hat - correlation)
+        else:
+            dx = rstd.view(1, -1, 1, 1) * (dx_hat - dx_hat.mean(dim=dims, keepdim=True) - correlation)
     else:
         dx = dx_hat * rstd.view(1, -1, 1, 1)
     grad_weight = None if weight is None else (g * x_hat).sum(dim=(0, 3)).reshape(c).to(weight.dtype)
     grad_bias = None if bias is None else g.sum(dim=(0, 3)).reshape(c).to(bias.dtype)
     return dx.reshape(x.shape).to(x.dtype), grad_weight, grad_bias
+
+
+def psp_norm_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_moment: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    groups: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, rstd, new_running_moment) of postsynaptic-potential normalization (SPEC.md section 4).
+
+    training: moment_g = E[x^2] over the group's elements, the raw second moment: no mean is
+    subtracted, and so no n / (n - 1) correction applies (that corrects a variance's bias, which a
+    raw moment does not have); running_moment <- (1 - m) running_moment + m moment. eval:
+    moment_g = running_moment_g. y = weight_c x rstd_g + bias_c with rstd_g = 1 / sqrt(moment_g + eps).
+    rstd (G,) is in the compute dtype; the new running moment (G,) is empty when none was given or
+    in eval."""
+    c = x.shape[1]
+    xg = _grouped(x, groups)
+    cdt = xg.dtype
+    new_moment = x.new_empty(0, dtype=cdt)
+    if training:
+        moment = xg.square().mean(dim=(0, 2, 3))
+        if running_moment is not None and xg.numel() == 0:  # an empty batch leaves it as it was
+            new_moment = running_moment.clone()
+        elif running_moment is not None:
+            new_moment = ((1 - momentum) * running_moment.to(cdt) + momentum * moment).to(running_moment.dtype)
+    else:
+        moment = running_moment.to(cdt)
+    rstd = 1.0 / torch.sqrt(moment + round_to(cdt, eps))
+    y = xg * rstd.view(1, -1, 1, 1)
+    y = y * _per_channel(weight, groups, c, 1.0, y) + _per_channel(bias, groups, c, 0.0, y)
+    return y.reshape(x.shape).to(x.dtype), rstd, new_moment
+
+
+def psp_norm_backward(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    rstd: Tensor,
+    training: bool,
+    groups: int,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(dL/dx, dL/dweight, dL/dbias) of ``psp_norm_forward``. In training the moment is
+    differentiated too: dx = rstd (dx_hat - x_hat mean_g(dx_hat x_hat)), dx_hat = weight_c dy,
+    x_hat = x rstd (LBN's backward with mean 0 and without its mean_g(dx_hat) term)."""
+    return _normalization_backward(grad, x, weight, bias, None, rstd, training, groups)
 
 
 def _channel_statistics(

@@ -1,4 +1,5 @@
-"""Triton kernels of Layer-Batch Normalization and their launchers (SPEC.md section 3).
+"""Triton kernels of Layer-Batch Normalization and their launchers (SPEC.md section 3), and of
+postsynaptic-potential normalization (PSP, section 4).
 
 Each launcher has the signature of its twin in ``reference``. They run on CUDA tensors, and on CPU
 tensors under the Triton interpreter (TRITON_INTERPRET=1 set before Triton is imported). Every
@@ -22,6 +23,12 @@ A finalize kernel merges each unit's partials in a fixed order: no float atomics
 deterministic. A forward partial is (count, shift, mean - shift, M2): each program shifts its
 values by the mean of its first tile, which keeps its sums of squares free of cancellation far from
 zero, and the finalize merges the partials with Chan's formula.
+
+PSP is LBN with mean 0 and variance := E[x^2], the raw second moment, and runs the same kernels with
+CENTERED off: the finalize turns each group's merged moments into E[x^2] = var + mean^2 (two
+non-negative terms: no cancellation) and updates the running moment without n / (n - 1); the
+normalize and sums passes read no mean; the dx pass drops the mean_g(w dy) term, as a mean that is
+not subtracted is not differentiated.
 
 Traffic over x: the training forward reads it twice and writes y once (moments, then normalize);
 eval reads once and writes once. The training backward reads x and dy twice and writes dx once
@@ -234,6 +241,15 @@ def _column_partial_index(band, col_start, col_end, segment, units, BLOCK_C: tl.
     return (band * segment + cols % segment) * units + cols // segment, cols < col_end
 
 
+@triton.jit
+def _group_mean(mean_ptr, group, CENTERED: tl.constexpr):
+    """The group's mean from mean_ptr, or 0 for PSP, which subtracts none (and so has none to
+    differentiate): x - 0 and dx_hat - 0 are exact, so both normalizations share every pass."""
+    if CENTERED:
+        return tl.load(mean_ptr + group)
+    return tl.zeros_like(group).to(tl.float32)
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -318,11 +334,13 @@ def _group_statistics_kernel(
     unbias,
     TRAINING: tl.constexpr,
     HAS_RUNNING: tl.constexpr,
+    CENTERED: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_U: tl.constexpr,
 ):
     """mean, rstd (and in training the new running statistics) of BLOCK_U groups: from their
-    partials, merged BLOCK_P at a time in partial order, or in eval from the running statistics."""
+    partials, merged BLOCK_P at a time in partial order, or in eval from the running statistics.
+    Not CENTERED (PSP): rstd of the raw second moment, which running_var / new_var hold; no mean."""
     unit = tl.program_id(0) * BLOCK_U + tl.arange(0, BLOCK_U)
     unit_ok = unit < units
     if TRAINING:
@@ -354,17 +372,22 @@ def _group_statistics_kernel(
             count = total
         var = tl.math.div_rn(m2, group_size)
         mean = origin + mean
+        if not CENTERED:
+            var = var + mean * mean
         if HAS_RUNNING:
-            running_mean = tl.load(running_mean_ptr + unit, mask=unit_ok, other=0.0).to(tl.float32)
             running_var = tl.load(running_var_ptr + unit, mask=unit_ok, other=0.0).to(tl.float32)
-            new_mean = keep * running_mean + momentum * mean
             new_var = keep * running_var + momentum * var * unbias
-            tl.store(new_mean_ptr + unit, to_storage(new_mean, new_mean_ptr.dtype.element_ty), mask=unit_ok)
             tl.store(new_var_ptr + unit, to_storage(new_var, new_var_ptr.dtype.element_ty), mask=unit_ok)
+            if CENTERED:
+                running_mean = tl.load(running_mean_ptr + unit, mask=unit_ok, other=0.0).to(tl.float32)
+                new_mean = keep * running_mean + momentum * mean
+                tl.store(new_mean_ptr + unit, to_storage(new_mean, new_mean_ptr.dtype.element_ty), mask=unit_ok)
     else:
-        mean = tl.load(running_mean_ptr + unit, mask=unit_ok, other=0.0).to(tl.float32)
+        if CENTERED:
+            mean = tl.load(running_mean_ptr + unit, mask=unit_ok, other=0.0).to(tl.float32)
         var = tl.load(running_var_ptr + unit, mask=unit_ok, other=1.0).to(tl.float32)
-    tl.store(mean_ptr + unit, mean, mask=unit_ok)
+    if CENTERED:
+        tl.store(mean_ptr + unit, mean, mask=unit_ok)
     tl.store(rstd_ptr + unit, tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps)), mask=unit_ok)
 
 
@@ -388,23 +411,24 @@ def _normalize_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BACKWARD: tl.constexpr,
+    CENTERED: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """y = (x - mean) rstd w + b, or BACKWARD: dx = rstd (w dy - mean(w dy) - x_hat mean(w dy x_hat))
-    with the two group means from grad_means (2, G)."""
+    with the two group means from grad_means (2, G). Not CENTERED (PSP): mean 0 and no mean(w dy)."""
     band = tl.program_id(0) // col_blocks
     cols = tl.program_id(0) % col_blocks * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < width
     # Lanes past the row read the last channel's values, and store nothing.
     channel = tl.minimum(cols, width - 1) // plane
     group = channel // channels_per_group
-    mean = tl.load(mean_ptr + group)[None, :]
+    mean = _group_mean(mean_ptr, group, CENTERED)[None, :]
     rstd = tl.load(rstd_ptr + group)[None, :]
     if HAS_WEIGHT:
         weight = tl.load(weight_ptr + channel).to(tl.float32)[None, :]
     if BACKWARD:
-        mean_dx_hat = tl.load(grad_means_ptr + group)[None, :]
+        mean_dx_hat = _group_mean(grad_means_ptr, group, CENTERED)[None, :]
         mean_dx_hat_x_hat = tl.load(grad_means_ptr + groups + group)[None, :]
     elif HAS_BIAS:
         bias = tl.load(bias_ptr + channel).to(tl.float32)[None, :]
@@ -452,6 +476,7 @@ def _channel_gradient_sums_kernel(
     COLUMNWISE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     WRITE_GRAD_X: tl.constexpr,
+    CENTERED: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -465,7 +490,7 @@ def _channel_gradient_sums_kernel(
         # Lanes past the row read the last channel's values, and store nothing.
         channel = (tl.minimum(col_start + tl.arange(0, BLOCK_C), width - 1) // plane)[None, :]
     group = channel // channels_per_group
-    mean = tl.load(mean_ptr + group)
+    mean = _group_mean(mean_ptr, group, CENTERED)
     rstd = tl.load(rstd_ptr + group)
     if HAS_WEIGHT:
         weight = tl.load(weight_ptr + channel).to(tl.float32)
@@ -575,7 +600,7 @@ def _matrix_shape(x: Tensor) -> tuple[int, int, int]:
 def _normalize(
     x: Tensor,
     grad: Tensor | None,
-    mean: Tensor,
+    mean: Tensor | None,
     rstd: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
@@ -583,16 +608,17 @@ def _normalize(
     out: Tensor,
     groups: int,
 ) -> None:
+    """The normalize (grad None) or dx pass; mean None for PSP."""
     rows, channels, plane = _matrix_shape(x)
     part = _elementwise_partition(rows, channels * plane, _programs(x.device))
     _normalize_kernel[part.grid](
         x,
         grad if grad is not None else x,
-        mean,
+        mean if mean is not None else rstd,
         rstd,
-        weight if weight is not None else mean,
-        bias if bias is not None else mean,
-        grad_means if grad_means is not None else mean,
+        weight if weight is not None else rstd,
+        bias if bias is not None else rstd,
+        grad_means if grad_means is not None else rstd,
         out,
         rows,
         channels * plane,
@@ -604,6 +630,7 @@ def _normalize(
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
         BACKWARD=grad is not None,
+        CENTERED=mean is not None,
         BLOCK_R=part.block_rows,
         BLOCK_C=part.block_cols,
         num_warps=_NUM_WARPS,
@@ -637,6 +664,72 @@ def _group_moments(x: Tensor, groups: int) -> tuple[Tensor, int]:
     return partials, part.partials_per_unit
 
 
+def _forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    groups: int,
+    centered: bool,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
+    """(y, mean, rstd, new_running_mean, new_running_var) of LBN (centered), or of PSP: mean None,
+    running_mean None and the running second moment in running_var / new_running_var."""
+    xc = x.contiguous()
+    weight, bias = contiguous_or_none(weight), contiguous_or_none(bias)
+    running_mean, running_var = contiguous_or_none(running_mean), contiguous_or_none(running_var)
+    rows, channels, plane = _matrix_shape(xc)
+    y = torch.empty_like(xc)
+    rstd = xc.new_empty(groups, dtype=torch.float32)
+    mean = torch.empty_like(rstd) if centered else None
+    updates = training and running_var is not None
+    # Two empty tensors, never one: a custom op's outputs may not alias each other.
+    new_mean = torch.empty_like(running_mean) if updates and centered else xc.new_empty(0, dtype=torch.float32)
+    new_var = torch.empty_like(running_var) if updates else xc.new_empty(0, dtype=torch.float32)
+    group_size = reference.group_size(xc.shape, groups)
+    if training and group_size == 0:
+        # The moments of nothing, as in the reference; an empty batch leaves the running ones as they were.
+        rstd.fill_(float("nan"))
+        if centered:
+            mean.fill_(float("nan"))
+            new_mean = running_mean.clone() if updates else new_mean
+        new_var = running_var.clone() if updates else new_var
+        return y, mean, rstd, new_mean, new_var
+
+    partials, partials_per_unit = _group_moments(xc, groups) if training else (rstd, 0)
+    block_partials, block_units = _finalize_blocks(groups, partials_per_unit)
+    # A raw moment has no bias to correct; a variance of one value has an infinite one.
+    unbias = (group_size / (group_size - 1) if group_size > 1 else float("inf")) if centered else 1.0
+    _group_statistics_kernel[(triton.cdiv(groups, block_units),)](
+        partials,
+        running_mean if running_mean is not None else rstd,
+        running_var if running_var is not None else rstd,
+        mean if mean is not None else rstd,
+        rstd,
+        new_mean if updates and centered else rstd,
+        new_var if updates else rstd,
+        groups,
+        partials_per_unit,
+        _f32(group_size),
+        _f32(eps),
+        _f32(momentum),
+        _f32(1 - momentum),
+        _f32(unbias),
+        TRAINING=training,
+        HAS_RUNNING=updates,
+        CENTERED=centered,
+        BLOCK_P=block_partials,
+        BLOCK_U=block_units,
+        enable_fp_fusion=False,
+    )
+    if xc.numel():
+        _normalize(xc, None, mean, rstd, weight, bias, None, y, groups)
+    return y, mean, rstd, new_mean, new_var
+
+
 def layer_batch_norm_forward(
     x: Tensor,
     weight: Tensor | None,
@@ -654,70 +747,45 @@ def layer_batch_norm_forward(
     running_var: (G,) or None (required in eval); each in any of those dtypes. y: x's shape and
     dtype, contiguous. mean, rstd: (G,) float32. The new running statistics: (G,) in their dtype
     in training, else empty float32."""
-    xc = x.contiguous()
-    weight, bias = contiguous_or_none(weight), contiguous_or_none(bias)
-    running_mean, running_var = contiguous_or_none(running_mean), contiguous_or_none(running_var)
-    rows, channels, plane = _matrix_shape(xc)
-    y = torch.empty_like(xc)
-    mean = xc.new_empty(groups, dtype=torch.float32)
-    rstd = torch.empty_like(mean)
-    updates = training and running_mean is not None
-    new_mean = torch.empty_like(running_mean) if updates else xc.new_empty(0, dtype=torch.float32)
-    new_var = torch.empty_like(running_var) if updates else xc.new_empty(0, dtype=torch.float32)
-    group_size = reference.group_size(xc.shape, groups)
-    if training and group_size == 0:
-        # The moments of nothing, as in the reference; an empty batch leaves the running ones as they were.
-        nothing = torch.full_like(mean, float("nan"))
-        if updates:
-            new_mean, new_var = running_mean.clone(), running_var.clone()
-        return y, nothing, nothing.clone(), new_mean, new_var
+    return _forward(x, weight, bias, running_mean, running_var, training, momentum, eps, groups, centered=True)
 
-    partials, partials_per_unit = _group_moments(xc, groups) if training else (mean, 0)
-    block_partials, block_units = _finalize_blocks(groups, partials_per_unit)
-    _group_statistics_kernel[(triton.cdiv(groups, block_units),)](
-        partials,
-        running_mean if running_mean is not None else mean,
-        running_var if running_var is not None else mean,
-        mean,
-        rstd,
-        new_mean if updates else mean,
-        new_var if updates else mean,
-        groups,
-        partials_per_unit,
-        _f32(group_size),
-        _f32(eps),
-        _f32(momentum),
-        _f32(1 - momentum),
-        _f32(group_size / (group_size - 1) if group_size > 1 else float("inf")),
-        TRAINING=training,
-        HAS_RUNNING=updates,
-        BLOCK_P=block_partials,
-        BLOCK_U=block_units,
-        enable_fp_fusion=False,
+
+def psp_norm_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_moment: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    groups: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, rstd, new_running_moment), as ``reference.psp_norm_forward``: the LBN passes with mean 0
+    and the raw second moment E[x^2] in place of the variance.
+
+    x: (N, C, *) float32, bfloat16 or float16. weight, bias: (C,) or None; running_moment: (G,) or
+    None (required in eval); each in any of those dtypes. y: x's shape and dtype, contiguous. rstd:
+    (G,) float32. The new running moment: (G,) in its dtype in training, else empty float32."""
+    y, _, rstd, _, new_moment = _forward(
+        x, weight, bias, None, running_moment, training, momentum, eps, groups, centered=False
     )
-    if xc.numel():
-        _normalize(xc, None, mean, rstd, weight, bias, None, y, groups)
-    return y, mean, rstd, new_mean, new_var
+    return y, rstd, new_moment
 
 
-def layer_batch_norm_backward(
+def _backward(
     grad: Tensor,
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
-    mean: Tensor,
+    mean: Tensor | None,
     rstd: Tensor,
     training: bool,
     groups: int,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """(grad_x, grad_weight, grad_bias), as ``reference.layer_batch_norm_backward``.
-
-    grad, x: (N, C, *) in x's dtype (float32, bfloat16 or float16). weight, bias: (C,) or None,
-    any of those dtypes. mean, rstd: (G,) float32 from the forward. grad_x: x's shape and dtype,
-    contiguous; grad_weight / grad_bias: (C,) in weight's / bias's dtype, None where those are."""
+    """(grad_x, grad_weight, grad_bias) of LBN, or of PSP with mean None."""
     xc, dy = x.contiguous(), grad.contiguous()
     weight, bias = contiguous_or_none(weight), contiguous_or_none(bias)
-    mean, rstd = mean.contiguous(), rstd.contiguous()
+    mean, rstd = contiguous_or_none(mean), rstd.contiguous()
     rows, channels, plane = _matrix_shape(xc)
     grad_x = torch.empty_like(xc)
     grad_weight = None if weight is None else torch.zeros_like(weight)
@@ -730,9 +798,9 @@ def layer_batch_norm_backward(
     _channel_gradient_sums_kernel[part.grid](
         dy,
         xc,
-        mean,
+        mean if mean is not None else rstd,
         rstd,
-        weight if weight is not None else mean,
+        weight if weight is not None else rstd,
         grad_x,
         partials,
         rows,
@@ -746,6 +814,7 @@ def layer_batch_norm_backward(
         COLUMNWISE=part.columnwise,
         HAS_WEIGHT=weight is not None,
         WRITE_GRAD_X=not training,
+        CENTERED=mean is not None,
         BLOCK_R=part.block_rows,
         BLOCK_C=part.block_cols,
         num_warps=_NUM_WARPS,
@@ -756,13 +825,13 @@ def layer_batch_norm_backward(
 
     group_size = _f32(reference.group_size(xc.shape, groups))
     group_is_channel = groups == channels
-    weighted = xc.new_empty((2, channels), dtype=torch.float32) if training else mean
+    weighted = xc.new_empty((2, channels), dtype=torch.float32) if training else rstd
     block_partials, block_units = _finalize_blocks(channels, part.partials_per_unit)
     _channel_gradient_kernel[(triton.cdiv(channels, block_units),)](
         partials,
-        weight if weight is not None else mean,
-        grad_weight if grad_weight is not None else mean,
-        grad_bias if grad_bias is not None else mean,
+        weight if weight is not None else rstd,
+        grad_weight if grad_weight is not None else rstd,
+        grad_bias if grad_bias is not None else rstd,
         weighted,
         channels,
         part.partials_per_unit,
@@ -792,3 +861,35 @@ def layer_batch_norm_backward(
             )
         _normalize(xc, dy, mean, rstd, weight, None, grad_means, grad_x, groups)
     return grad_x, grad_weight, grad_bias
+
+
+def layer_batch_norm_backward(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    training: bool,
+    groups: int,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(grad_x, grad_weight, grad_bias), as ``reference.layer_batch_norm_backward``.
+
+    grad, x: (N, C, *) in x's dtype (float32, bfloat16 or float16). weight, bias: (C,) or None,
+    any of those dtypes. mean, rstd: (G,) float32 from the forward. grad_x: x's shape and dtype,
+    contiguous; grad_weight / grad_bias: (C,) in weight's / bias's dtype, None where those are."""
+    return _backward(grad, x, weight, bias, mean, rstd, training, groups)
+
+
+def psp_norm_backward(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    rstd: Tensor,
+    training: bool,
+    groups: int,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(grad_x, grad_weight, grad_bias), as ``reference.psp_norm_backward``: LBN's passes with mean 0
+    and without the mean_g(w dy) term. Shapes and dtypes as ``layer_batch_norm_backward``'s."""
+    return _backward(grad, x, weight, bias, None, rstd, training, groups)

@@ -1,7 +1,7 @@
 """Modules users swap into their models (constructor signatures from SPEC.md)."""
 
 from .inference import Dequantize, LowBitConv2d, LowBitLinear, Quantize
-from .lbn import LayerBatchNorm
+from .lbn import LayerBatchNorm, PSPNorm
 from .quant import QuantAct, QuantConv2d, QuantLinear
 from .saf import SAFConv2d, SAFLinear, SAFNeuron, SAFReadout, SpikeTrace, saf_f_last_step
 
@@ -10,6 +10,7 @@ __all__ = [
     "LayerBatchNorm",
     "LowBitConv2d",
     "LowBitLinear",
+    "PSPNorm",
     "QuantAct",
     "QuantConv2d",
     "QuantLinear",
