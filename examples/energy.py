@@ -50,7 +50,6 @@ COLUMNS = (
     "synaptic energy nJ/sample",
     "vs lambda=0",
     "first-layer MAC nJ/sample",
-    "train s",
 )
 
 
@@ -90,9 +89,7 @@ def run(args: argparse.Namespace, device: torch.device) -> list[list[str]]:
         for weight in args.weights:
             torch.manual_seed(args.seed)  # every weight starts from the same initialisation
             model = models.saf_mlp(data.features, HIDDEN[name], data.classes, mode="saf_e", steps=STEPS).to(device)
-            history = fit(
-                model, data, epochs=epochs, seed=args.seed, penalty=lambda m, w=weight: synaptic_penalty(m, w)
-            )
+            fit(model, data, epochs=epochs, seed=args.seed, penalty=lambda m, w=weight: synaptic_penalty(m, w))
             report = energy_report(model, data.x_test)
             spiking = [layer for layer in report.layers if layer.kind == "AC"]
             dense = [layer for layer in report.layers if layer.kind == "MAC"]
@@ -111,7 +108,6 @@ def run(args: argparse.Namespace, device: torch.device) -> list[list[str]]:
                     f"{1e9 * synaptic_joules:.3f}",
                     f"{synaptic_joules / baseline:.2f}x" if baseline else "-",
                     f"{1e9 * sum(layer.joules for layer in dense) / report.samples:.2f}",
-                    f"{history.train_seconds:.1f}",
                 ]
             )
             print(text_table(COLUMNS, rows[-1:]).splitlines()[-1], flush=True)
