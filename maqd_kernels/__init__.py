@@ -11,6 +11,7 @@ methods (``synaptic_penalty``, ``energy_report``, ...); modules in
 
 from . import nn
 from ._backend import BackendStatus, backends
+from .bit_allocation import LayerBitBudget, allocate_bits, apply_bits, bit_budget, layer_sensitivity, weight_kurtosis
 from .convert import convert_for_inference
 from .energy import EnergyReport, energy_report, synaptic_operations, synaptic_penalty
 from .lbn import fold_affine, layer_batch_norm, lbn_inference_affine, psp_norm
@@ -33,13 +34,18 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendStatus",
     "EnergyReport",
+    "LayerBitBudget",
     "PackedWeight",
+    "allocate_bits",
+    "apply_bits",
     "backends",
+    "bit_budget",
     "convert_for_inference",
     "default_scale",
     "energy_report",
     "fold_affine",
     "layer_batch_norm",
+    "layer_sensitivity",
     "lbn_inference_affine",
     "lif_bptt",
     "lowbit_linear",
@@ -61,5 +67,6 @@ __all__ = [
     "spike_trace",
     "synaptic_operations",
     "synaptic_penalty",
+    "weight_kurtosis",
     "weight_standardize",
 ]
