@@ -164,8 +164,11 @@ def write_plot(path: Path, rows: list[list[str]]) -> None:
         energy = [float(row[6]) for row in mine]
         acc = [float(row[2]) for row in mine]
         axis.plot(energy, acc, marker="o")
-        for row, x, y in zip(mine, energy, acc):
-            axis.annotate(f"λ={row[1]}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        labels: dict[tuple[float, float], list[str]] = {}  # weights that silenced every neuron share a point
+        for row, point in zip(mine, zip(energy, acc)):
+            labels.setdefault(point, []).append(row[1])
+        for point, weights in labels.items():
+            axis.annotate("λ=" + ", ".join(weights), point, textcoords="offset points", xytext=(4, 4), fontsize=8)
         axis.set(
             title=f"{name}: SAF-E, T = {STEPS}", xlabel="synaptic energy per sample (nJ)", ylabel="test accuracy %"
         )
