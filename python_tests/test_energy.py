@@ -326,6 +326,32 @@ def test_energy_report_errors():
         mk.energy_report(_mlp(), torch.rand(2, 2, 20), energy_per_ac=-1.0)
 
 
+def test_s2nn_layers_count_as_spiking_layers():
+    """S2NN neurons record their single step's spikes: the report and the penalty see them."""
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(12, 16), mnn.S2NNNeuron(0.2), mnn.S2NNLinear(16, 9, threshold=0.2), nn.Linear(9, 3))
+    spikes = {}
+    for index in (1, 2):
+        net[index].register_forward_hook(lambda m, args, out, i=index: spikes.__setitem__(i, out.sum().item()))
+    x = torch.randn(5, 12)
+    report = mk.energy_report(net, x)
+    assert [(layer.name, layer.kind, layer.inputs_from) for layer in report.layers] == [
+        ("0", "MAC", ()),
+        ("2", "AC", ("1",)),
+        ("3", "AC", ("2",)),
+    ]
+    assert report.samples == 5 and report.layers[0].operations == 5 * 12 * 16
+    assert spikes[1] > 0 and spikes[2] > 0
+    assert report.layers[1].operations == pytest.approx(spikes[1] * 9)
+    assert report.layers[2].operations == pytest.approx(spikes[2] * 3)
+
+    net(x)  # with autograd: the penalty of this forward
+    penalty = mk.synaptic_penalty(net, 0.1)
+    torch.testing.assert_close(penalty, torch.tensor(0.1 * (spikes[1] * 9 + spikes[2] * 3) / 5))
+    penalty.backward()
+    assert net[0].weight.grad.abs().sum() > 0 and net[2].weight.grad.abs().sum() > 0
+
+
 # ----------------------------------------------------------------------------- the example
 
 
