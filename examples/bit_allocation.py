@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:  # run as a script: examples/ is on the path, the 
 
 from examples import data as datasets  # noqa: E402
 from examples.models import PIXEL_BITS  # noqa: E402
-from examples.report import markdown_table, provenance, text_table, write_csv  # noqa: E402
+from examples.report import figure_file, markdown_table, provenance, text_table, write_csv  # noqa: E402
 from examples.run_all import SMOKE_SIZES, choices  # noqa: E402
 from examples.train import BATCH_SIZE, accuracy, fit  # noqa: E402
 from maqd_kernels import (  # noqa: E402
@@ -346,41 +346,35 @@ def write_markdown(path: Path, results: list[DatasetResult], rows, args, device:
 def write_plot(path: Path, results: list[DatasetResult]) -> None:
     """Per dataset: fine-tuned accuracy per allocation (mean, spread, seeds; PTQ as open circles)
     and the first seed's bits per layer for the allocations at the budget."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display; chosen before pyplot loads
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(len(results), 2, figsize=(12, 4.2 * len(results)), squeeze=False)
-    for (accuracy_axis, bits_axis), result in zip(axes, results):
-        for x, name in enumerate(ALLOCATIONS):
-            accuracies = _accuracies(result, name)
-            ptq = [100 * run.trials[name].ptq_accuracy for run in result.runs]
-            accuracy_axis.bar(x, statistics.mean(accuracies), yerr=statistics.stdev(accuracies), capsize=4, alpha=0.6)
-            accuracy_axis.plot([x] * len(accuracies), accuracies, "k.")
-            accuracy_axis.plot([x] * len(ptq), ptq, "o", mfc="none", color="tab:red")
-        accuracy_axis.set_xticks(range(len(ALLOCATIONS)), ALLOCATIONS, rotation=15)
-        low = min(
-            min(_accuracies(result, n) + [100 * r.trials[n].ptq_accuracy for r in result.runs]) for n in ALLOCATIONS
-        )
-        accuracy_axis.set(title=f"{result.name}: test accuracy (bars: fine-tuned; red: PTQ)", ylabel="%")
-        accuracy_axis.set_ylim(max(0.0, low - 5), 100)
-        compared = (f"uniform-{BUDGET_BITS}", "sensitivity", "kurtosis")
-        width = 0.8 / len(compared)
-        for i, name in enumerate(compared):
-            bits = [result.runs[0].trials[name].allocation[layer.name] for layer in result.layers]
-            positions = [j + (i - (len(compared) - 1) / 2) * width for j in range(len(result.layers))]
-            bits_axis.bar(positions, bits, width, label=name)
-        bits_axis.set_xticks(
-            range(len(result.layers)), [f"{layer.name}\n{layer.weights} weights" for layer in result.layers]
-        )
-        bits_axis.set(title=f"{result.name}: weight bits per layer (seed {result.runs[0].seed})", ylabel="bits")
-        bits_axis.legend(fontsize=8)
-        for axis in (accuracy_axis, bits_axis):
-            axis.grid(alpha=0.3, axis="y")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    with figure_file(path, len(results), 2, (12, 4.2 * len(results))) as axes:
+        for (accuracy_axis, bits_axis), result in zip(axes, results):
+            for x, name in enumerate(ALLOCATIONS):
+                accuracies = _accuracies(result, name)
+                ptq = [100 * run.trials[name].ptq_accuracy for run in result.runs]
+                accuracy_axis.bar(
+                    x, statistics.mean(accuracies), yerr=statistics.stdev(accuracies), capsize=4, alpha=0.6
+                )
+                accuracy_axis.plot([x] * len(accuracies), accuracies, "k.")
+                accuracy_axis.plot([x] * len(ptq), ptq, "o", mfc="none", color="tab:red")
+            accuracy_axis.set_xticks(range(len(ALLOCATIONS)), ALLOCATIONS, rotation=15)
+            low = min(
+                min(_accuracies(result, n) + [100 * r.trials[n].ptq_accuracy for r in result.runs]) for n in ALLOCATIONS
+            )
+            accuracy_axis.set(title=f"{result.name}: test accuracy (bars: fine-tuned; red: PTQ)", ylabel="%")
+            accuracy_axis.set_ylim(max(0.0, low - 5), 100)
+            compared = (f"uniform-{BUDGET_BITS}", "sensitivity", "kurtosis")
+            width = 0.8 / len(compared)
+            for i, name in enumerate(compared):
+                bits = [result.runs[0].trials[name].allocation[layer.name] for layer in result.layers]
+                positions = [j + (i - (len(compared) - 1) / 2) * width for j in range(len(result.layers))]
+                bits_axis.bar(positions, bits, width, label=name)
+            bits_axis.set_xticks(
+                range(len(result.layers)), [f"{layer.name}\n{layer.weights} weights" for layer in result.layers]
+            )
+            bits_axis.set(title=f"{result.name}: weight bits per layer (seed {result.runs[0].seed})", ylabel="bits")
+            bits_axis.legend(fontsize=8)
+            for axis in (accuracy_axis, bits_axis):
+                axis.grid(alpha=0.3, axis="y")
 
 
 def main(argv: list[str] | None = None) -> int:

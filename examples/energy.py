@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:  # run as a script: examples/ is on the path, the 
 
 from examples import data as datasets  # noqa: E402
 from examples import models  # noqa: E402
-from examples.report import markdown_table, provenance, text_table, write_csv  # noqa: E402
+from examples.report import figure_file, markdown_table, provenance, text_table, write_csv  # noqa: E402
 from examples.run_all import HIDDEN, SMOKE_SIZES, choices, epochs_for  # noqa: E402
 from examples.train import BATCH_SIZE, LR, accuracy, fit  # noqa: E402
 from maqd_kernels import energy_report, synaptic_penalty  # noqa: E402
@@ -152,30 +152,22 @@ def write_markdown(path: Path, rows: list[list[str]], args: argparse.Namespace, 
 
 def write_plot(path: Path, rows: list[list[str]]) -> None:
     """Test accuracy against synaptic energy per sample, one point per weight, one panel per dataset."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display; chosen before pyplot loads
-    import matplotlib.pyplot as plt
-
     names = list(dict.fromkeys(row[0] for row in rows))
-    figure, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.2), squeeze=False)
-    for axis, name in zip(axes[0], names):
-        mine = [row for row in rows if row[0] == name]
-        energy = [float(row[6]) for row in mine]
-        acc = [float(row[2]) for row in mine]
-        axis.plot(energy, acc, marker="o")
-        labels: dict[tuple[float, float], list[str]] = {}  # weights that silenced every neuron share a point
-        for row, point in zip(mine, zip(energy, acc)):
-            labels.setdefault(point, []).append(row[1])
-        for point, weights in labels.items():
-            axis.annotate("λ=" + ", ".join(weights), point, textcoords="offset points", xytext=(4, 4), fontsize=8)
-        axis.set(
-            title=f"{name}: SAF-E, T = {STEPS}", xlabel="synaptic energy per sample (nJ)", ylabel="test accuracy %"
-        )
-        axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    with figure_file(path, 1, len(names), (6 * len(names), 4.2)) as axes:
+        for axis, name in zip(axes[0], names):
+            mine = [row for row in rows if row[0] == name]
+            energy = [float(row[6]) for row in mine]
+            acc = [float(row[2]) for row in mine]
+            axis.plot(energy, acc, marker="o")
+            labels: dict[tuple[float, float], list[str]] = {}  # weights that silenced every neuron share a point
+            for row, point in zip(mine, zip(energy, acc)):
+                labels.setdefault(point, []).append(row[1])
+            for point, weights in labels.items():
+                axis.annotate("λ=" + ", ".join(weights), point, textcoords="offset points", xytext=(4, 4), fontsize=8)
+            axis.set(
+                title=f"{name}: SAF-E, T = {STEPS}", xlabel="synaptic energy per sample (nJ)", ylabel="test accuracy %"
+            )
+            axis.grid(alpha=0.3)
 
 
 def main(argv: list[str] | None = None) -> int:

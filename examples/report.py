@@ -1,14 +1,20 @@
-"""What every example writes: plain-text and Markdown tables, CSV files, and the run's provenance."""
+"""What every example writes: plain-text and Markdown tables, CSV files, PNG figures, and the run's
+provenance."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import platform
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +36,25 @@ def write_csv(path: Path, columns: Sequence[str], rows: Sequence[Sequence[str]])
         writer = csv.writer(f)
         writer.writerow(columns)
         writer.writerows(rows)
+
+
+@contextlib.contextmanager
+def figure_file(path: Path, rows: int, columns: int, size: tuple[float, float]) -> Iterator[np.ndarray]:
+    """A `rows` x `columns` grid of matplotlib axes (always 2-D, even for one row or column) on a
+    figure of `size` inches, saved to `path` as a PNG when the block finishes without an error.
+    The figure is closed either way, so a long run does not pile up open figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display; chosen before pyplot loads
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(rows, columns, figsize=size, squeeze=False)
+    try:
+        yield axes
+        figure.tight_layout()
+        figure.savefig(path, dpi=110)
+    finally:
+        plt.close(figure)
 
 
 def commit() -> str:

@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:  # run as a script: examples/ is on the path, the 
 
 from examples import data as datasets  # noqa: E402
 from examples import models  # noqa: E402
-from examples.report import markdown_table, provenance, text_table, write_csv  # noqa: E402
+from examples.report import figure_file, markdown_table, provenance, text_table, write_csv  # noqa: E402
 from examples.train import BATCH_SIZE, LR, Conversion, History, check_conversion, fit  # noqa: E402
 
 FLOAT_BITS = 32
@@ -271,10 +271,6 @@ def write_markdown(path: Path, rows: list[list[str]], args: argparse.Namespace, 
 
 def write_curves(csv_path: Path, png_path: Path, results: list[Result]) -> None:
     """Per-epoch train loss and test accuracy: a CSV, and a PNG with one row of two panels per dataset."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display; chosen before pyplot loads
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
     with open(csv_path, "w", newline="") as f:
@@ -285,22 +281,21 @@ def write_curves(csv_path: Path, png_path: Path, results: list[Result]) -> None:
                 writer.writerow((r.dataset, r.config.name, epoch, f"{loss:.5f}", f"{100 * acc:.2f}"))
 
     names = list(dict.fromkeys(r.dataset for r in results))
-    figure, axes = plt.subplots(len(names), 2, figsize=(12, 4.2 * len(names)), squeeze=False)
-    for (loss_axis, acc_axis), name in zip(axes, names):
-        for r in (r for r in results if r.dataset == name):
-            epochs = range(1, len(r.history.train_loss) + 1)
-            style = "--" if "spiking" in r.config.kind else "-"
-            loss_axis.plot(epochs, r.history.train_loss, style, marker=".", label=r.config.name)
-            acc_axis.plot(epochs, [100 * a for a in r.history.test_accuracy], style, marker=".", label=r.config.name)
-        loss_axis.set(title=f"{name}: train loss", xlabel="epoch", ylabel="cross-entropy", yscale="log")
-        acc_axis.set(title=f"{name}: test accuracy", xlabel="epoch", ylabel="%")
-        acc_axis.legend(fontsize=8, loc="lower right")
-        for axis in (loss_axis, acc_axis):
-            axis.grid(alpha=0.3)
-            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    figure.tight_layout()
-    figure.savefig(png_path, dpi=110)
-    plt.close(figure)
+    with figure_file(png_path, len(names), 2, (12, 4.2 * len(names))) as axes:
+        for (loss_axis, acc_axis), name in zip(axes, names):
+            for r in (r for r in results if r.dataset == name):
+                epochs = range(1, len(r.history.train_loss) + 1)
+                style = "--" if "spiking" in r.config.kind else "-"
+                loss_axis.plot(epochs, r.history.train_loss, style, marker=".", label=r.config.name)
+                acc_axis.plot(
+                    epochs, [100 * a for a in r.history.test_accuracy], style, marker=".", label=r.config.name
+                )
+            loss_axis.set(title=f"{name}: train loss", xlabel="epoch", ylabel="cross-entropy", yscale="log")
+            acc_axis.set(title=f"{name}: test accuracy", xlabel="epoch", ylabel="%")
+            acc_axis.legend(fontsize=8, loc="lower right")
+            for axis in (loss_axis, acc_axis):
+                axis.grid(alpha=0.3)
+                axis.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,7 +49,7 @@ if str(ROOT) not in sys.path:  # run as a script: examples/ is on the path, the 
 
 from examples import data as datasets  # noqa: E402
 from examples import models  # noqa: E402
-from examples.report import markdown_table, provenance, text_table, write_csv  # noqa: E402
+from examples.report import figure_file, markdown_table, provenance, text_table, write_csv  # noqa: E402
 from examples.run_all import EPOCHS, HIDDEN, SMOKE_SIZES, choices, epochs_for  # noqa: E402
 from examples.train import BATCH_SIZE, LR, check_conversion, fit, outputs_of  # noqa: E402
 from maqd_kernels import nn as mnn  # noqa: E402
@@ -344,34 +344,32 @@ def write_markdown(path: Path, results: list[Result], args: argparse.Namespace, 
 def write_plot(path: Path, results: list[Result]) -> None:
     """Test accuracy (mean, and standard deviation over seeds) against hidden-layer energy per
     sample, one panel per dataset."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display; chosen before pyplot loads
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
 
     names = list(dict.fromkeys(r.dataset for r in results))
-    figure, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.2), squeeze=False)
-    for axis, name in zip(axes[0], names):
-        for r in (r for r in results if r.dataset == name):
-            std = 0.0 if r.accuracy_std is None else 100 * r.accuracy_std
-            axis.errorbar(
-                r.energy_nj, 100 * r.accuracy, yerr=std, fmt="o" if r.model.spiking else "s", capsize=4, markersize=7
+    with figure_file(path, 1, len(names), (6 * len(names), 4.2)) as axes:
+        for axis, name in zip(axes[0], names):
+            for r in (r for r in results if r.dataset == name):
+                std = 0.0 if r.accuracy_std is None else 100 * r.accuracy_std
+                axis.errorbar(
+                    r.energy_nj,
+                    100 * r.accuracy,
+                    yerr=std,
+                    fmt="o" if r.model.spiking else "s",
+                    capsize=4,
+                    markersize=7,
+                )
+                axis.annotate(r.model.name, (r.energy_nj, 100 * r.accuracy), textcoords="offset points", xytext=(6, 4))
+            axis.set(
+                title=f"{name}: accuracy against hidden-layer energy",
+                xlabel="hidden-layer synaptic energy per sample (nJ, log)",
+                ylabel="test accuracy %",
             )
-            axis.annotate(r.model.name, (r.energy_nj, 100 * r.accuracy), textcoords="offset points", xytext=(6, 4))
-        axis.set(
-            title=f"{name}: accuracy against hidden-layer energy",
-            xlabel="hidden-layer synaptic energy per sample (nJ, log)",
-            ylabel="test accuracy %",
-        )
-        axis.set_xscale("log", nonpositive="clip")  # a smoke run's untrained network may not spike at all
-        axis.xaxis.set_major_locator(LogLocator(subs=(1.0, 3.0)))
-        axis.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
-        axis.xaxis.set_minor_formatter(NullFormatter())
-        axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+            axis.set_xscale("log", nonpositive="clip")  # a smoke run's untrained network may not spike at all
+            axis.xaxis.set_major_locator(LogLocator(subs=(1.0, 3.0)))
+            axis.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+            axis.xaxis.set_minor_formatter(NullFormatter())
+            axis.grid(alpha=0.3)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:  # run as a script: examples/ is on the path, the 
     sys.path.insert(0, str(ROOT))
 
 from examples import data as datasets  # noqa: E402
-from examples.report import markdown_table, provenance, text_table, write_csv  # noqa: E402
+from examples.report import figure_file, markdown_table, provenance, text_table, write_csv  # noqa: E402
 from examples.train import BATCH_SIZE, accuracy, fit, outputs_of  # noqa: E402
 from maqd_kernels import magnitude_prune_rnn, spectral_prune_rnn  # noqa: E402
 from maqd_kernels.prune import DEFAULT_RIDGE, PrunedRNN, PruningError, pruning_error  # noqa: E402
@@ -212,35 +212,28 @@ def write_markdown(path: Path, table: list[list[str]], args: argparse.Namespace,
 def write_plot(path: Path, rows: list[Row], hidden: int) -> None:
     """Accuracy and hidden-state error against the kept fraction, and the error per step at the
     middle fraction."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display; chosen before pyplot loads
-    import matplotlib.pyplot as plt
-
     full = rows[0]
     middle = round(KEEP_FRACTIONS[len(KEEP_FRACTIONS) // 2] * hidden)
-    figure, (acc_axis, error_axis, step_axis) = plt.subplots(1, 3, figsize=(15, 4.2))
-    for method, marker, color in zip(METHODS, "os", ("C0", "C1")):
-        chosen = [r for r in rows if r.method == method]
-        kept = [100 * r.keep / hidden for r in chosen]
-        style = {"marker": marker, "color": color}
-        acc_axis.plot(kept, [100 * r.accuracy for r in chosen], label=method, **style)
-        error_axis.plot(kept, [r.errors.hidden for r in chosen], label=f"{method}: hidden, all steps", **style)
-        error_axis.plot(kept, [r.logit_error for r in chosen], "--", label=f"{method}: last-step logits", **style)
-        at_middle = next(r for r in chosen if r.keep == middle)
-        steps = range(1, len(at_middle.errors.hidden_per_step) + 1)
-        step_axis.plot(steps, at_middle.errors.hidden_per_step.tolist(), label=method, **style)
-    acc_axis.axhline(100 * full.accuracy, color="grey", linestyle=":", label=f"full ({hidden} units)")
-    acc_axis.set(title="test accuracy", xlabel="kept hidden units %", ylabel="%")
-    error_axis.set(title="relative error, test images", xlabel="kept hidden units %", yscale="log")
-    step_axis.set(title=f"hidden-state error per step, {middle} units kept", xlabel="step (row)")
-    step_axis.set_yscale("log", nonpositive="mask")  # the first step is exact (error 0) from a zero state
-    for axis in (acc_axis, error_axis, step_axis):
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    with figure_file(path, 1, 3, (15, 4.2)) as axes:
+        acc_axis, error_axis, step_axis = axes[0]
+        for method, marker, color in zip(METHODS, "os", ("C0", "C1")):
+            chosen = [r for r in rows if r.method == method]
+            kept = [100 * r.keep / hidden for r in chosen]
+            style = {"marker": marker, "color": color}
+            acc_axis.plot(kept, [100 * r.accuracy for r in chosen], label=method, **style)
+            error_axis.plot(kept, [r.errors.hidden for r in chosen], label=f"{method}: hidden, all steps", **style)
+            error_axis.plot(kept, [r.logit_error for r in chosen], "--", label=f"{method}: last-step logits", **style)
+            at_middle = next(r for r in chosen if r.keep == middle)
+            steps = range(1, len(at_middle.errors.hidden_per_step) + 1)
+            step_axis.plot(steps, at_middle.errors.hidden_per_step.tolist(), label=method, **style)
+        acc_axis.axhline(100 * full.accuracy, color="grey", linestyle=":", label=f"full ({hidden} units)")
+        acc_axis.set(title="test accuracy", xlabel="kept hidden units %", ylabel="%")
+        error_axis.set(title="relative error, test images", xlabel="kept hidden units %", yscale="log")
+        step_axis.set(title=f"hidden-state error per step, {middle} units kept", xlabel="step (row)")
+        step_axis.set_yscale("log", nonpositive="mask")  # the first step is exact (error 0) from a zero state
+        for axis in (acc_axis, error_axis, step_axis):
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=8)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,11 @@
-"""What several test files share: which kernels can run here, and how spikes are compared."""
+"""What several test files share: which kernels can run here, how spikes are compared, and how
+the examples are run."""
 
 from __future__ import annotations
 
 import importlib
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import torch
 from maqd_kernels import _backend
 from maqd_kernels.bench.validation import count_mismatches, launcher
 
+ROOT = Path(__file__).resolve().parents[1]
 HAS_GPU = torch.cuda.is_available()
 requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -72,7 +75,22 @@ def assert_equal_except_ties(actual: torch.Tensor, expected: torch.Tensor, near:
 def example_modules():
     """(examples.models, examples.train): the example model builders and their training loss
     (``train.loss_of``). The repository root joins sys.path: examples/ is not an installed package."""
-    root = str(Path(__file__).resolve().parents[1])
-    if root not in sys.path:
-        sys.path.insert(0, root)
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     return importlib.import_module("examples.models"), importlib.import_module("examples.train")
+
+
+def run_example(script: str, *options: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """examples/`script` run with `options` from the repository root, as a user would: on the CPU
+    its models use the reference backend, not the Triton interpreter that conftest.py turns on for
+    the kernel tests. Output is captured as text."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), *options],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )

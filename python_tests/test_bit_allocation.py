@@ -3,10 +3,6 @@ SPEC.md section 4), and the example that compares allocations on real data."""
 
 import csv
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +12,8 @@ from torch import nn
 import maqd_kernels as mk
 from maqd_kernels import nn as mnn
 
-from helpers import requires_gpu
+from helpers import requires_gpu, run_example
 
-ROOT = Path(__file__).resolve().parents[1]
 DEVICES = ("cpu", pytest.param("cuda", marks=requires_gpu))
 
 
@@ -362,16 +357,7 @@ def test_apply_bits_keeps_a_custom_scale_ratio_and_checks_every_name_first():
 
 
 def test_example_smoke_run_compares_allocations_at_equal_memory(tmp_path):
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)  # as a user runs it: the reference backend on the CPU
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "bit_allocation.py"), "--smoke", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=ROOT,
-    )
+    result = run_example("bit_allocation.py", "--smoke", "--out", str(tmp_path), timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     with open(tmp_path / "bit_allocation.csv", newline="") as f:
         rows = list(csv.DictReader(f))

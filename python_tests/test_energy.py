@@ -5,11 +5,7 @@ layer, on every backend."""
 
 import copy
 import csv
-import os
 import pickle
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,9 +17,8 @@ import maqd_kernels as mk
 from maqd_kernels import nn as mnn
 from maqd_kernels.energy import ENERGY_PER_AC, ENERGY_PER_MAC, _synapses
 
-from helpers import HAS_GPU, example_modules, op_backends
+from helpers import HAS_GPU, example_modules, op_backends, run_example
 
-ROOT = Path(__file__).resolve().parents[1]
 DECAY = 0.5
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device"))]
 
@@ -356,24 +351,7 @@ def test_s2nn_layers_count_as_spiking_layers():
 
 
 def test_energy_example_smoke_run(tmp_path):
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)  # as a user runs it: the reference backend on the CPU
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "examples" / "energy.py"),
-            "--smoke",
-            "--weights",
-            "0,1e-4",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=ROOT,
-    )
+    result = run_example("energy.py", "--smoke", "--weights", "0,1e-4", "--out", str(tmp_path))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     with open(tmp_path / "energy.csv", newline="") as f:
         rows = list(csv.DictReader(f))

@@ -2,14 +2,12 @@
 command itself in a subprocess, as a user would, and reads the files it writes."""
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import run_example
+
 # Every configuration of examples/run_all.py, per dataset.
 MODELS = (
     "float",
@@ -24,28 +22,13 @@ MODELS = (
 )
 
 
-def _run_examples(*options: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    # As a user runs it: on the CPU the models use the reference backend, not the Triton
-    # interpreter that conftest.py turns on for the kernel tests.
-    env.pop("TRITON_INTERPRET", None)
-    return subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "run_all.py"), *options],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=ROOT,
-    )
-
-
 def _rows(out: Path) -> list[dict]:
     with open(out / "accuracy.csv", newline="") as f:
         return list(csv.DictReader(f))
 
 
 def test_smoke_run_trains_converts_and_reports_every_model(tmp_path):
-    result = _run_examples("--smoke", "--out", str(tmp_path))
+    result = run_example("run_all.py", "--smoke", "--out", str(tmp_path))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
     rows = _rows(tmp_path)
@@ -67,7 +50,7 @@ def test_smoke_run_trains_converts_and_reports_every_model(tmp_path):
 def test_float_and_maqd_mlps_learn_digits(tmp_path):
     # Two epochs reach 91-94% test accuracy (seeds 0-2); an untrained model scores about 10%.
     options = ("--datasets", "digits", "--models", "float,maqd-w4a4", "--epochs", "2", "--out", str(tmp_path))
-    result = _run_examples(*options)
+    result = run_example("run_all.py", *options)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
     accuracies = {r["model"]: float(r["test acc %"]) for r in _rows(tmp_path)}
@@ -77,7 +60,7 @@ def test_float_and_maqd_mlps_learn_digits(tmp_path):
 
 
 def test_unknown_model_is_rejected_with_the_choices(tmp_path):
-    result = _run_examples("--smoke", "--models", "float,saf-x", "--out", str(tmp_path))
+    result = run_example("run_all.py", "--smoke", "--models", "float,saf-x", "--out", str(tmp_path))
     assert result.returncode == 2
     assert "saf-x" in result.stderr and "maqd-saf-w4s2-T4" in result.stderr
     assert not (tmp_path / "accuracy.csv").exists()

@@ -5,11 +5,7 @@ hidden states are redundant, and the example runs."""
 
 import csv
 import itertools
-import os
-import subprocess
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,9 +20,8 @@ from maqd_kernels.prune import (
     reconstruction_matrix,
 )
 
-from helpers import requires_gpu
+from helpers import requires_gpu, run_example
 
-ROOT = Path(__file__).resolve().parents[1]
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_gpu)]
 DTYPES = [torch.float32, torch.float64]
 INPUT_SIZE, HIDDEN, OUTPUTS = 3, 12, 2
@@ -435,17 +430,7 @@ def test_packed_sequences_and_mismatched_pruning_errors_are_rejected():
 
 
 def test_example_smoke_run_prunes_and_reports(tmp_path):
-    env = dict(os.environ)
-    # As a user runs it: on the CPU without the Triton interpreter that conftest.py turns on.
-    env.pop("TRITON_INTERPRET", None)
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "spectral_pruning.py"), "--smoke", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=ROOT,
-    )
+    result = run_example("spectral_pruning.py", "--smoke", "--out", str(tmp_path))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     with open(tmp_path / "spectral_pruning.csv", newline="") as f:
         rows = list(csv.DictReader(f))

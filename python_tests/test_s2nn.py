@@ -4,10 +4,6 @@ backend and kernel that runs here (one step of the SAF kernels); S2NNLinear is L
 both compile, convert and refuse bad input; examples/s2nn.py runs."""
 
 import csv
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,9 +15,8 @@ from maqd_kernels import _backend
 from maqd_kernels import nn as mnn
 from maqd_kernels.bench.validation import launcher
 
-from helpers import KERNEL_DTYPES, kernel_or_skip, kernel_targets, op_backends
+from helpers import KERNEL_DTYPES, kernel_or_skip, kernel_targets, op_backends, run_example
 
-ROOT = Path(__file__).resolve().parents[1]
 THRESHOLD = 0.85
 # The s2nn surrogate is continuous at x = 0 only for alpha = 4: another alpha also tests that each
 # side of the threshold takes its own branch.
@@ -307,16 +302,7 @@ def test_a_threshold_changed_after_construction_is_still_checked():
 
 
 def test_example_smoke_run_writes_every_model_and_dataset(tmp_path):
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)  # as a user runs it: the reference backend on the CPU
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "s2nn.py"), "--smoke", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=ROOT,
-    )
+    result = run_example("s2nn.py", "--smoke", "--out", str(tmp_path), timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     with open(tmp_path / "s2nn.csv", newline="") as f:
         rows = list(csv.DictReader(f))
