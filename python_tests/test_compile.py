@@ -46,7 +46,22 @@ class SmallMaQDNetwork(torch.nn.Module):
         return self.head(x)
 
 
-def _compare_eager_and_compiled(make_model, inputs, backend):
+class SmallPSPNetwork(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.norm1 = mnn.PSPNorm(6, groups=2)
+        self.fc = torch.nn.Linear(6 * 5 * 5, 10)
+        self.norm2 = mnn.PSPNorm(10, groups=10)
+        self.head = torch.nn.Linear(10, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.norm1(self.conv(x)))
+        return self.head(torch.relu(self.norm2(self.fc(x.flatten(1)))))
+
+
+def _compare_eager_and_compiled(make_model, inputs, backend) -> torch.nn.Module:
+    """Runs a training step of `make_model()` eagerly and compiled; returns the eager model."""
     torch.manual_seed(1)
     eager = make_model()
     compiled_model = make_model()
@@ -63,6 +78,7 @@ def _compare_eager_and_compiled(make_model, inputs, backend):
         torch.testing.assert_close(p_compiled.grad, p_eager.grad, rtol=1e-4, atol=1e-5, msg=name)
     for (name, b_eager), b_compiled in zip(eager.named_buffers(), compiled_model.buffers()):
         torch.testing.assert_close(b_compiled, b_eager, rtol=1e-6, atol=1e-6, msg=name)
+    return eager
 
 
 @pytest.mark.parametrize("mode", ["saf_e", "saf_f"])
@@ -74,6 +90,13 @@ def test_compile_saf_network(mode):
 @pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
 def test_compile_maqd_network(backend):
     _compare_eager_and_compiled(SmallMaQDNetwork, torch.randn(5, 3, 5, 5), backend)
+
+
+@pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
+def test_compile_psp_network(backend):
+    eager = _compare_eager_and_compiled(SmallPSPNetwork, torch.randn(5, 3, 5, 5), backend)
+    for norm in (eager.norm1, eager.norm2):  # the compiled step's moments were compared with these
+        assert not torch.equal(norm.running_moment, torch.ones_like(norm.running_moment))
 
 
 def test_compile_low_bit_inference_chain():

@@ -12,11 +12,10 @@ import torch
 
 from maqd_kernels import _backend
 from maqd_kernels import nn as mnn
-from maqd_kernels.bench.compare import GRADIENT_RTOL
 from maqd_kernels.bench.validation import launcher
 
 import derivations
-from helpers import KERNEL_DTYPES, kernel_or_skip, kernel_targets, op_backends
+from helpers import KERNEL_DTYPES, assert_close_to_reference, kernel_or_skip, kernel_targets, op_backends
 
 # (shape, groups): a plain (N, C) batch, one sample, lengths that end inside a vector and a
 # block, many rows of few channels (the column reduction), long planes that need several blocks
@@ -50,18 +49,6 @@ def _params(channels, groups, dtype, device, affine=True, stats_dtype=torch.floa
     return weight, bias, running_mean, running_var
 
 
-def _assert_close(got, want, dtype, name):
-    """Within GRADIENT_RTOL[dtype] of the reference's largest magnitude: the kernels sum in another
-    order, and round once to the storage dtype."""
-    if want is None:
-        assert got is None, name
-        return
-    assert got.shape == want.shape and got.dtype == want.dtype, name
-    scale = want.float().abs().max().item() if want.numel() else 0.0
-    tol = GRADIENT_RTOL[dtype] * max(scale, 1.0)
-    torch.testing.assert_close(got.float().cpu(), want.float().cpu(), rtol=0, atol=tol, msg=name)
-
-
 def _run_both(op, backend, device, *args):
     want = launcher(op, "reference")(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args])
     got = kernel_or_skip(op, backend)(*args)
@@ -82,7 +69,7 @@ def test_training_forward_matches_reference(backend, device, dtype, shape, group
         ("y", "mean", "rstd", "running_mean", "running_var"), (y, mean, rstd, new_mean, new_var), want
     ):
         tolerance_dtype = dtype if name == "y" else torch.float32
-        _assert_close(got, expected, tolerance_dtype, name)
+        assert_close_to_reference(got, expected, tolerance_dtype, name)
 
 
 @pytest.mark.parametrize("backend,device", kernel_targets())
@@ -110,7 +97,7 @@ def test_backward_matches_reference(backend, device, dtype, shape, groups, train
         groups,
     )
     for name, g, w in zip(("grad_x", "grad_weight", "grad_bias"), got, want):
-        _assert_close(g, w, dtype, name)
+        assert_close_to_reference(g, w, dtype, name)
 
 
 @pytest.mark.parametrize("backend,device", kernel_targets())
@@ -122,8 +109,8 @@ def test_eval_forward_matches_reference(backend, device, dtype, shape, groups):
     (y, mean, rstd, new_mean, new_var), want = _run_both(
         "layer_batch_norm_forward", backend, device, x, weight, bias, rm, rv, False, 0.1, 1e-5, groups
     )
-    _assert_close(y, want[0], dtype, "y")
-    _assert_close(rstd, want[2], torch.float32, "rstd")
+    assert_close_to_reference(y, want[0], dtype, "y")
+    assert_close_to_reference(rstd, want[2], torch.float32, "rstd")
     assert new_mean.numel() == 0 and new_var.numel() == 0
 
 
@@ -136,7 +123,7 @@ def test_no_affine_and_no_running_statistics(backend, device, training):
     (y, _, rstd, new_mean, new_var), want = _run_both(
         "layer_batch_norm_forward", backend, device, x, None, None, *stats, training, 0.1, 1e-5, 3
     )
-    _assert_close(y, want[0], torch.float32, "y")
+    assert_close_to_reference(y, want[0], torch.float32, "y")
     assert new_mean.numel() == 0 and new_var.numel() == 0
     grad = _random(x.shape, torch.float32, device, scale=1.0)
     got, want = _run_both(
@@ -152,7 +139,7 @@ def test_no_affine_and_no_running_statistics(backend, device, training):
         training,
         3,
     )
-    _assert_close(got[0], want[0], torch.float32, "grad_x")
+    assert_close_to_reference(got[0], want[0], torch.float32, "grad_x")
     assert got[1] is None and got[2] is None
 
 
@@ -165,7 +152,7 @@ def test_parameters_and_statistics_keep_their_dtypes(backend, device, dtype):
     weight, bias, rm, rv = _params(4, 2, dtype, device, stats_dtype=dtype)
     got, want = _run_both("layer_batch_norm_forward", backend, device, x, weight, bias, rm, rv, True, 0.3, 1e-5, 2)
     for name, g, w in zip(("y", "mean", "rstd", "running_mean", "running_var"), got, want):
-        _assert_close(g, w, dtype, name)
+        assert_close_to_reference(g, w, dtype, name)
     grad = _random(x.shape, dtype, device, scale=1.0)
     grads, want_grads = _run_both(
         "layer_batch_norm_backward",
@@ -181,7 +168,7 @@ def test_parameters_and_statistics_keep_their_dtypes(backend, device, dtype):
         2,
     )
     for name, g, w in zip(("grad_x", "grad_weight", "grad_bias"), grads, want_grads):
-        _assert_close(g, w, dtype, name)
+        assert_close_to_reference(g, w, dtype, name)
 
 
 @pytest.mark.parametrize("backend,device", kernel_targets())
@@ -203,7 +190,7 @@ def test_strided_and_empty_inputs(backend, device):
     x = _random((6, 5, 4), torch.float32, device).transpose(0, 2)  # (4, 5, 6), not contiguous
     weight, bias, rm, rv = _params(5, 5, torch.float32, device)
     got, want = _run_both("layer_batch_norm_forward", backend, device, x, weight, bias, rm, rv, True, 0.1, 1e-5, 5)
-    _assert_close(got[0], want[0], torch.float32, "y")
+    assert_close_to_reference(got[0], want[0], torch.float32, "y")
     empty = torch.empty(0, 5, 3, device=device)
     y, _, _, new_mean, new_var = kernel_or_skip("layer_batch_norm_forward", backend)(
         empty, weight, bias, rm, rv, True, 0.1, 1e-5, 5
@@ -235,18 +222,18 @@ def test_groups_equal_channels_is_batchnorm_on_every_backend(backend, device, sh
         x_bn, x_lbn = x.clone().requires_grad_(True), x.to(dtype).requires_grad_(True)
         y_bn, y_lbn = bn(x_bn), lbn(x_lbn)
         assert y_lbn.dtype == dtype
-        _assert_close(y_lbn.float(), y_bn, dtype, "y")
+        assert_close_to_reference(y_lbn.float(), y_bn, dtype, "y")
         g = _random(shape, torch.float32, device, scale=1.0)
         (y_bn * g).sum().backward()
         (y_lbn * g.to(dtype)).sum().backward()
-        _assert_close(x_lbn.grad.float(), x_bn.grad, dtype, "grad_x")
-        _assert_close(lbn.running_mean, bn.running_mean, dtype, "running_mean")
-        _assert_close(lbn.running_var, bn.running_var, dtype, "running_var")
-    _assert_close(lbn.weight.grad, bn.weight.grad, dtype, "grad_weight")
-    _assert_close(lbn.bias.grad, bn.bias.grad, dtype, "grad_bias")
+        assert_close_to_reference(x_lbn.grad.float(), x_bn.grad, dtype, "grad_x")
+        assert_close_to_reference(lbn.running_mean, bn.running_mean, dtype, "running_mean")
+        assert_close_to_reference(lbn.running_var, bn.running_var, dtype, "running_var")
+    assert_close_to_reference(lbn.weight.grad, bn.weight.grad, dtype, "grad_weight")
+    assert_close_to_reference(lbn.bias.grad, bn.bias.grad, dtype, "grad_bias")
     bn.eval(), lbn.eval()
     x = _random(shape, torch.float32, device)
-    _assert_close(lbn(x.to(dtype)).float(), bn(x), dtype, "eval y")
+    assert_close_to_reference(lbn(x.to(dtype)).float(), bn(x), dtype, "eval y")
 
 
 @pytest.mark.parametrize("backend,device", op_backends())

@@ -11,10 +11,9 @@ import torch
 
 import maqd_kernels as mk
 from maqd_kernels import nn as mnn
-from maqd_kernels.bench.compare import GRADIENT_RTOL
 from maqd_kernels.bench.validation import launcher
 
-from helpers import KERNEL_DTYPES, kernel_or_skip, kernel_targets, op_backends
+from helpers import KERNEL_DTYPES, assert_close_to_reference, kernel_or_skip, kernel_targets, op_backends
 
 # (shape, groups): as the LBN kernels' cases: a Linear output, one sample, lengths that end inside
 # a vector and a block, many rows of few channels (the column reduction), long planes split over
@@ -60,18 +59,6 @@ def _psp64(x, weight, bias, moment, eps, groups):
     if bias is not None:
         y = y + bias.double().view(1, c, 1)
     return y.reshape(x.shape)
-
-
-def _assert_close(got, want, dtype, name):
-    """Within GRADIENT_RTOL[dtype] of the reference's largest magnitude, as the LBN kernels' tests:
-    the kernels sum in another order and round once to the storage dtype."""
-    if want is None:
-        assert got is None, name
-        return
-    assert got.shape == want.shape and got.dtype == want.dtype, name
-    scale = want.float().abs().max().item() if want.numel() else 0.0
-    tol = GRADIENT_RTOL[dtype] * max(scale, 1.0)
-    torch.testing.assert_close(got.float().cpu(), want.float().cpu(), rtol=0, atol=tol, msg=name)
 
 
 def _run_both(op, backend, *args):
@@ -164,7 +151,7 @@ def test_training_forward_matches_reference(backend, device, dtype, shape, group
     weight, bias, moment = _params(shape[1], groups, dtype, device)
     got, want = _run_both("psp_norm_forward", backend, x, weight, bias, moment, True, 0.1, 1e-5, groups)
     for name, g, w in zip(("y", "rstd", "running_moment"), got, want):
-        _assert_close(g, w, dtype if name == "y" else torch.float32, name)
+        assert_close_to_reference(g, w, dtype if name == "y" else torch.float32, name)
 
 
 @pytest.mark.parametrize("backend,device", kernel_targets())
@@ -176,8 +163,8 @@ def test_eval_forward_matches_reference(backend, device, dtype, shape, groups):
     (y, rstd, new_moment), want = _run_both(
         "psp_norm_forward", backend, x, weight, bias, moment, False, 0.1, 1e-5, groups
     )
-    _assert_close(y, want[0], dtype, "y")
-    _assert_close(rstd, want[1], torch.float32, "rstd")
+    assert_close_to_reference(y, want[0], dtype, "y")
+    assert_close_to_reference(rstd, want[1], torch.float32, "rstd")
     assert new_moment.numel() == 0
 
 
@@ -194,7 +181,7 @@ def test_backward_matches_reference(backend, device, dtype, shape, groups, train
     )
     got, want = _run_both("psp_norm_backward", backend, grad, x, weight, bias, rstd.to(device), training, groups)
     for name, g, w in zip(("grad_x", "grad_weight", "grad_bias"), got, want):
-        _assert_close(g, w, dtype, name)
+        assert_close_to_reference(g, w, dtype, name)
 
 
 @pytest.mark.parametrize("backend,device", kernel_targets())
@@ -203,11 +190,11 @@ def test_no_affine_and_no_running_moment(backend, device, training):
     x = _random((4, 6, 5), torch.float32, device)
     moment = None if training else _params(6, 3, device=device)[2]
     (y, rstd, new_moment), want = _run_both("psp_norm_forward", backend, x, None, None, moment, training, 0.1, 1e-5, 3)
-    _assert_close(y, want[0], torch.float32, "y")
+    assert_close_to_reference(y, want[0], torch.float32, "y")
     assert new_moment.numel() == 0
     grad = _random(x.shape, torch.float32, device, scale=1.0)
     got, want = _run_both("psp_norm_backward", backend, grad, x, None, None, want[1].to(device), training, 3)
-    _assert_close(got[0], want[0], torch.float32, "grad_x")
+    assert_close_to_reference(got[0], want[0], torch.float32, "grad_x")
     assert got[1] is None and got[2] is None
 
 
@@ -218,11 +205,11 @@ def test_parameters_and_moment_keep_their_dtypes(backend, device, dtype):
     weight, bias, moment = _params(4, 2, dtype, device, moment_dtype=dtype)
     got, want = _run_both("psp_norm_forward", backend, x, weight, bias, moment, True, 0.3, 1e-5, 2)
     for name, g, w in zip(("y", "rstd", "running_moment"), got, want):
-        _assert_close(g, w, dtype, name)
+        assert_close_to_reference(g, w, dtype, name)
     grad = _random(x.shape, dtype, device, scale=1.0)
     grads, want_grads = _run_both("psp_norm_backward", backend, grad, x, weight, bias, want[1].to(device), True, 2)
     for name, g, w in zip(("grad_x", "grad_weight", "grad_bias"), grads, want_grads):
-        _assert_close(g, w, dtype, name)
+        assert_close_to_reference(g, w, dtype, name)
 
 
 @pytest.mark.parametrize("backend,device", kernel_targets())
@@ -240,8 +227,8 @@ def test_strided_and_empty_inputs(backend, device):
     x = _random((6, 5, 4), torch.float32, device).transpose(0, 2)  # (4, 5, 6), not contiguous
     weight, bias, moment = _params(5, 5, device=device)
     got, want = _run_both("psp_norm_forward", backend, x, weight, bias, moment, True, 0.1, 1e-5, 5)
-    _assert_close(got[0], want[0], torch.float32, "y")
-    _assert_close(got[2], want[2], torch.float32, "running_moment")
+    assert_close_to_reference(got[0], want[0], torch.float32, "y")
+    assert_close_to_reference(got[2], want[2], torch.float32, "running_moment")
     empty = torch.empty(0, 5, 3, device=device)
     y, rstd, new_moment = kernel_or_skip("psp_norm_forward", backend)(empty, weight, bias, moment, True, 0.1, 1e-5, 5)
     assert y.shape == empty.shape and torch.equal(new_moment, moment) and rstd.isnan().all()
@@ -301,16 +288,18 @@ def test_module_training_steps_match_float64(backend, device, dtype):
         moment = _moment64(x_ref, 3)
         y_ref = _psp64(x_ref, weight64, bias64, moment, 1e-5, 3)
         moment64 = 0.8 * moment64 + 0.2 * moment.detach()
-        _assert_close(y.double().cpu(), y_ref.detach(), dtype, "y")
+        assert_close_to_reference(y.double().cpu(), y_ref.detach(), dtype, "y")
         g = torch.randn(y.shape, dtype=torch.float64)
         (y.double().cpu() * g).sum().backward()
         (y_ref * g).sum().backward()
-        _assert_close(x.grad.double().cpu(), x_ref.grad, dtype, "grad_x")
-        _assert_close(norm.running_moment.double().cpu(), moment64, torch.float32, "running_moment")
+        assert_close_to_reference(x.grad.double().cpu(), x_ref.grad, dtype, "grad_x")
+        assert_close_to_reference(norm.running_moment.double().cpu(), moment64, torch.float32, "running_moment")
     norm.eval()
     x64 = torch.randn(4, 6, 5, dtype=torch.float64)
     y = norm(x64.to(dtype).to(device))
-    _assert_close(y.double().cpu(), _psp64(x64.to(dtype), weight64, bias64, moment64, 1e-5, 3), dtype, "eval y")
+    assert_close_to_reference(
+        y.double().cpu(), _psp64(x64.to(dtype), weight64, bias64, moment64, 1e-5, 3), dtype, "eval y"
+    )
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -389,40 +378,3 @@ def test_module_without_affine_and_time_first():
     traces = torch.rand(4, 3, 6)
     torch.testing.assert_close(time_first(traces), flat(traces.reshape(12, 6)).reshape(traces.shape))
     torch.testing.assert_close(time_first.running_moment, flat.running_moment)
-
-
-class _SmallPSPNetwork(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
-        self.norm1 = mnn.PSPNorm(6, groups=2)
-        self.fc = torch.nn.Linear(6 * 5 * 5, 10)
-        self.norm2 = mnn.PSPNorm(10, groups=10)
-        self.head = torch.nn.Linear(10, 4)
-
-    def forward(self, x):
-        x = torch.relu(self.norm1(self.conv(x)))
-        return self.head(torch.relu(self.norm2(self.fc(x.flatten(1)))))
-
-
-@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_compile_fullgraph_matches_eager(backend):
-    torch.manual_seed(1)
-    eager = _SmallPSPNetwork()
-    compiled_model = copy.deepcopy(eager)
-    x = torch.randn(5, 3, 5, 5)
-    explanation = torch._dynamo.explain(copy.deepcopy(compiled_model))(x)
-    assert explanation.graph_break_count == 0, explanation.break_reasons
-    torch._dynamo.reset()
-    compiled = torch.compile(compiled_model, fullgraph=True, backend=backend)
-    out_eager, out_compiled = eager(x), compiled(x)
-    torch.testing.assert_close(out_compiled, out_eager, rtol=1e-5, atol=1e-5)
-    out_eager.square().sum().backward()
-    out_compiled.square().sum().backward()
-    for (name, p_eager), p_compiled in zip(eager.named_parameters(), compiled_model.parameters()):
-        torch.testing.assert_close(p_compiled.grad, p_eager.grad, rtol=1e-4, atol=1e-5, msg=name)
-    for (name, b_eager), b_compiled in zip(eager.named_buffers(), compiled_model.buffers()):
-        assert not torch.equal(b_eager, torch.ones_like(b_eager)), name
-        torch.testing.assert_close(b_compiled, b_eager, rtol=1e-6, atol=1e-6, msg=name)
-    eager.eval(), compiled_model.eval()
-    torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
