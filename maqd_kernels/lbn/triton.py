@@ -246,8 +246,10 @@ def _group_mean(mean_ptr, group, CENTERED: tl.constexpr):
     """The group's mean from mean_ptr, or 0 for PSP, which subtracts none (and so has none to
     differentiate): x - 0 and dx_hat - 0 are exact, so both normalizations share every pass."""
     if CENTERED:
-        return tl.load(mean_ptr + group)
-    return tl.zeros_like(group).to(tl.float32)
+        mean = tl.load(mean_ptr + group)
+    else:
+        mean = tl.zeros_like(group).to(tl.float32)
+    return mean  # one return: Triton's code generators before 3.9 reject statements after a return
 
 
 # ----------------------------------------------------------------------------- forward
