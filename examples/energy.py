@@ -85,7 +85,7 @@ def run(args: argparse.Namespace, device: torch.device) -> list[list[str]]:
     for name in args.datasets:
         data = datasets.load(name, **(SMOKE_SIZES if args.smoke else {})).to(device)
         epochs = epochs_for(name, args)
-        baseline = None
+        baseline = None  # the unpenalized network's synaptic energy, when weight 0 is in the sweep
         for weight in args.weights:
             torch.manual_seed(args.seed)  # every weight starts from the same initialisation
             model = models.saf_mlp(data.features, HIDDEN[name], data.classes, mode="saf_e", steps=STEPS).to(device)
@@ -96,7 +96,8 @@ def run(args: argparse.Namespace, device: torch.device) -> list[list[str]]:
             spikes = sum(layer.spikes for layer in spiking) / report.samples
             hidden_neurons = 2 * HIDDEN[name] * STEPS
             synaptic_joules = sum(layer.joules for layer in spiking) / report.samples
-            baseline = synaptic_joules if baseline is None else baseline
+            if weight == 0:
+                baseline = synaptic_joules
             rows.append(
                 [
                     name,

@@ -247,6 +247,9 @@ def energy_report(
     network that encodes an image as a constant current) costs one multiply-accumulate per synapse,
     sample and step. Biases, normalization and the neurons' own updates are not counted.
 
+    The spike records then hold this run's counts (without autograd), replacing those of the last
+    training forward: call ``synaptic_penalty`` before an energy report, not after.
+
     Args:
         model: any module; spiking layers are those with a ``SpikeRecord`` (SAF modules).
         inputs: a tensor, or a tuple of positional arguments, for ``model``.

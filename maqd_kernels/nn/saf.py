@@ -40,7 +40,9 @@ class SpikeRecord:
 
     Both are None before the first call. A record is never copied, pickled or saved: a deepcopy or
     an unpickled module starts with an empty one, so a model that holds a training step's graph
-    here can still be copied (``convert_for_inference``) or saved."""
+    here can still be copied (``convert_for_inference``) or saved. A forward with autograd on
+    keeps its graph alive here until the next forward or ``backward()``: evaluate under
+    ``torch.no_grad()``, as usual."""
 
     __slots__ = ("count", "shape")
 
