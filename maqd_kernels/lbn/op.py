@@ -90,13 +90,16 @@ def _layer_batch_norm_backward(
     return strided_like(grad_x, x), empty_if_none(grad_weight, x), empty_if_none(grad_bias, x)
 
 
-@_layer_batch_norm_backward.register_fake
-def _(grad, x, weight, bias, *args):
+def _normalization_backward_fake(grad, x, weight, bias, *args):
+    """(grad_x, grad_weight, grad_bias) of either normalization; empty for an absent affine."""
     return (
         torch.empty_like(x),
         torch.empty_like(weight) if weight is not None else x.new_empty(0),
         torch.empty_like(bias) if bias is not None else x.new_empty(0),
     )
+
+
+_layer_batch_norm_backward.register_fake(_normalization_backward_fake)
 
 
 def _layer_batch_norm_setup(ctx, inputs, output):
@@ -245,13 +248,7 @@ def _psp_norm_backward(
     return strided_like(grad_x, x), empty_if_none(grad_weight, x), empty_if_none(grad_bias, x)
 
 
-@_psp_norm_backward.register_fake
-def _(grad, x, weight, bias, *args):
-    return (
-        torch.empty_like(x),
-        torch.empty_like(weight) if weight is not None else x.new_empty(0),
-        torch.empty_like(bias) if bias is not None else x.new_empty(0),
-    )
+_psp_norm_backward.register_fake(_normalization_backward_fake)
 
 
 def _psp_norm_setup(ctx, inputs, output):
